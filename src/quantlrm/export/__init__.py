@@ -64,7 +64,7 @@ def check_format(fmt: str, bits: int) -> None:
         can = sorted(f for f, (b, _) in FORMATS.items() if bits in b)
         raise QuantLRMError(
             f"format {fmt!r} cannot hold {bits}-bit weights (it holds {', '.join(map(str, ok))}-bit).",
-            f"for {bits} bits use --format {' or '.join(can)}.",
+            f"for {bits} bits use --format {' or '.join(can)}." if can else "choose other bits.",
         )
 
 
