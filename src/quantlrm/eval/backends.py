@@ -59,7 +59,9 @@ class Generation:
 class Backend(Protocol):
     name: str
 
-    def generate(self, prompts: list[str], cfg: GenerationConfig, seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[str], cfg: GenerationConfig, seeds: list[int] | None = None
+    ) -> list[Generation]:
         """One completion per prompt; `seeds` (one per prompt) make sampling reproducible."""
         ...
 
@@ -69,7 +71,9 @@ def format_prompt(question: str, tokenizer, cfg: GenerationConfig) -> str:
     if not cfg.chat_template:
         return question + cfg.think_suffix
     if getattr(tokenizer, "chat_template", None) is None:
-        raise QuantLRMError("The tokenizer has no chat template.", "drop --chat-template to use raw prompts.")
+        raise QuantLRMError(
+            "The tokenizer has no chat template.", "drop --chat-template to use raw prompts."
+        )
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
@@ -81,11 +85,17 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "auto"):
 
     d = Path(model_dir)
     if not (d / "config.json").is_file():
-        raise QuantLRMError(f"{d} is not a model directory (no config.json).", "pass a directory written by save_pretrained or `quantlrm quantize`.")
+        raise QuantLRMError(
+            f"{d} is not a model directory (no config.json).",
+            "pass a directory written by save_pretrained or `quantlrm quantize`.",
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(d)
     except Exception as e:  # noqa: BLE001  (many failure types; all mean "no usable tokenizer")
-        raise QuantLRMError(f"No usable tokenizer in {d}: {e}", "copy the tokenizer files of the original model into it.") from e
+        raise QuantLRMError(
+            f"No usable tokenizer in {d}: {e}",
+            "copy the tokenizer files of the original model into it.",
+        ) from e
     kwargs: dict = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     qcfg = json.loads((d / "config.json").read_text()).get("quantization_config") or {}
     if qcfg.get("quant_method") == "compressed-tensors":
@@ -107,10 +117,13 @@ class TransformersBackend:
         self.model = model
         self.tok = tokenizer
         self.progress = progress
+        self._warned_cap = False
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
 
-    def generate(self, prompts: list[str], cfg: GenerationConfig, seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[str], cfg: GenerationConfig, seeds: list[int] | None = None
+    ) -> list[Generation]:
         """Batches share one random stream, seeded from the batch's first prompt's seed."""
         device = next(self.model.parameters()).device
         texts = [format_prompt(p, self.tok, cfg) for p in prompts]
@@ -121,21 +134,37 @@ class TransformersBackend:
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(self.tok.eos_token_id)
-        bar = tqdm(total=len(texts), desc="generate", unit="seq", disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=len(texts), desc="generate", unit="seq", disable=not self.progress, leave=False
+        )
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b : b + cfg.batch_size]
             torch.manual_seed(seeds[idx[0]] if seeds else cfg.seed + b)
             width = max(len(enc[i]) for i in idx)
             pad = self.tok.pad_token_id
             ids = torch.tensor([[pad] * (width - len(enc[i])) + enc[i] for i in idx], device=device)
-            mask = torch.tensor([[0] * (width - len(enc[i])) + [1] * len(enc[i]) for i in idx], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(enc[i])) + [1] * len(enc[i]) for i in idx], device=device
+            )
             new = cfg.max_new_tokens
             if limit is not None and width + new > limit:
                 new = max(1, limit - width)
-                log.warning("capping new tokens at %d: the model's context is %d", new, limit)
-            sampling = dict(do_sample=False) if cfg.greedy else dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+                if not self._warned_cap:
+                    log.warning("capping new tokens at %d: the model's context is %d", new, limit)
+                    self._warned_cap = True
+            sampling = (
+                dict(do_sample=False)
+                if cfg.greedy
+                else dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+            )
             with torch.no_grad():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad, **sampling)
+                gen = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new,
+                    pad_token_id=pad,
+                    **sampling,
+                )
             for row, i in zip(gen[:, width:].tolist(), idx, strict=True):
                 n = len(row)
                 for k, t in enumerate(row):
@@ -153,15 +182,31 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, tensor_parallel: int = 1, max_model_len: int | None = None, dtype: str = "auto"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        tensor_parallel: int = 1,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+    ):
         try:
             from vllm import LLM
         except ImportError as e:
-            raise QuantLRMError("The vLLM backend needs vllm.", "pip install 'quantlrm[vllm]', or use --backend transformers.") from e
-        self.llm = LLM(model=str(model_dir), tensor_parallel_size=tensor_parallel, max_model_len=max_model_len, dtype=dtype)
+            raise QuantLRMError(
+                "The vLLM backend needs vllm.",
+                "pip install 'quantlrm[vllm]', or use --backend transformers.",
+            ) from e
+        self.llm = LLM(
+            model=str(model_dir),
+            tensor_parallel_size=tensor_parallel,
+            max_model_len=max_model_len,
+            dtype=dtype,
+        )
         self.tok = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[str], cfg: GenerationConfig, seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[str], cfg: GenerationConfig, seeds: list[int] | None = None
+    ) -> list[Generation]:
         """Per-request seeds, so repeated samples of one question differ yet reproduce."""
         from vllm import SamplingParams
 
@@ -209,7 +254,12 @@ def make_backend(
         m, tok = load_model(model, device=device, dtype=dtype)
         return TransformersBackend(m, tok, progress=progress)
     if tokenizer is None:
-        raise QuantLRMError("A loaded model needs its tokenizer.", "pass tokenizer=... to evaluate().")
+        raise QuantLRMError(
+            "A loaded model needs its tokenizer.", "pass tokenizer=... to evaluate()."
+        )
     if backend == "vllm":
-        raise QuantLRMError("vLLM loads models from a directory.", "pass the model directory, or use backend='transformers'.")
+        raise QuantLRMError(
+            "vLLM loads models from a directory.",
+            "pass the model directory, or use backend='transformers'.",
+        )
     return TransformersBackend(model, tokenizer, progress=progress)

@@ -71,7 +71,7 @@ def _score(task: Task, records: list[dict]) -> dict:
     correct = sum(bool(r["correct"]) for r in records)
     return {
         "display": TASKS[task.name][1] if task.name in TASKS else task.name,
-        "accuracy": correct / n if n else float("nan"),
+        "accuracy": correct / n if n else None,
         "correct": correct,
         "n": n,
         "questions": len({r["id"] for r in records}),
@@ -80,16 +80,30 @@ def _score(task: Task, records: list[dict]) -> dict:
     }
 
 
-def _run_task(backend: Backend, task: Task, gen: GenerationConfig, out: Path | None, progress: bool) -> dict:
+def _run_task(
+    backend: Backend, task: Task, gen: GenerationConfig, out: Path | None, progress: bool
+) -> dict:
     path = out / f"{task.name}.jsonl" if out else None
     done = _read_done(path) if path else {}
     wanted = [(s, k) for s in task.samples for k in range(gen.samples)]
     pending = [(s, k) for s, k in wanted if (s.id, k) not in done]
     if done:
-        log.info("%s: %d of %d completions already in %s", task.name, len(wanted) - len(pending), len(wanted), path)
+        log.info(
+            "%s: %d of %d completions already in %s",
+            task.name,
+            len(wanted) - len(pending),
+            len(wanted),
+            path,
+        )
     refs = {s.id: normalize_reference(task.grader, s.reference) for s in task.samples}
     chunk = max(1, gen.batch_size) if isinstance(backend, TransformersBackend) else 512
-    bar = tqdm(total=len(wanted), initial=len(wanted) - len(pending), desc=task.name, unit="q", disable=not progress)
+    bar = tqdm(
+        total=len(wanted),
+        initial=len(wanted) - len(pending),
+        desc=task.name,
+        unit="q",
+        disable=not progress,
+    )
     f = path.open("a", encoding="utf-8") if path else None
     try:
         for b in range(0, len(pending), chunk):
@@ -130,7 +144,14 @@ def default_ppl_text() -> str:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str | None = None, seqlen: int = 512, max_tokens: int | None = 65536, progress: bool = True) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    text: str | None = None,
+    seqlen: int = 512,
+    max_tokens: int | None = 65536,
+    progress: bool = True,
+) -> dict:
     """Perplexity over non-overlapping `seqlen` windows of `text` (a quick quality proxy)."""
     text = default_ppl_text() if text is None else text
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -138,7 +159,10 @@ def perplexity(model, tokenizer, text: str | None = None, seqlen: int = 512, max
         ids = ids[:max_tokens]
     n_win = ids.numel() // seqlen
     if n_win == 0:
-        raise QuantLRMError(f"The perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}.", "use a longer --ppl-file or a smaller --ppl-seqlen.")
+        raise QuantLRMError(
+            f"The perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}.",
+            "use a longer --ppl-file or a smaller --ppl-seqlen.",
+        )
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for w in tqdm(range(n_win), desc="ppl", unit="win", disable=not progress, leave=False):
@@ -183,13 +207,24 @@ def evaluate(
     items: list = []
     for t in [tasks] if isinstance(tasks, (str, Task)) else list(tasks):
         items.extend([t] if isinstance(t, Task) else expand_task_names(t))
-    loaded = [t.head(limit) if isinstance(t, Task) else t if t == "ppl" else load_task(t, sources.get(t), seed=data_seed, limit=limit) for t in items]
+    loaded = [
+        t.head(limit)
+        if isinstance(t, Task)
+        else t
+        if t == "ppl"
+        else load_task(t, sources.get(t), seed=data_seed, limit=limit)
+        for t in items
+    ]
     label = name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
 
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"generation": gen.as_dict(), "data_seed": data_seed}
+        # Settings that change the answers; batch size does not, so a resume may change it.
+        settings = {
+            "generation": {k: v for k, v in gen.as_dict().items() if k != "batch_size"},
+            "data_seed": data_seed,
+        }
         run_file = out_dir / "run.json"
         if run_file.exists():
             old = json.loads(run_file.read_text())
@@ -204,11 +239,17 @@ def evaluate(
     gen_tasks = [t for t in loaded if isinstance(t, Task)]
     want_ppl = "ppl" in loaded
     be: Backend | None = None
-    use_vllm = isinstance(model, (str, Path)) and (backend == "vllm" or (backend == "auto" and vllm_usable()))
+    use_vllm = isinstance(model, (str, Path)) and (
+        backend == "vllm" or (backend == "auto" and vllm_usable())
+    )
     if not use_vllm and (gen_tasks or want_ppl):
-        be = make_backend(model, tokenizer, backend="transformers", device=device, dtype=dtype, progress=progress)
+        be = make_backend(
+            model, tokenizer, backend="transformers", device=device, dtype=dtype, progress=progress
+        )
     if want_ppl:
-        m, tok = (be.model, be.tok) if be is not None else load_model(model, device=device, dtype=dtype)
+        m, tok = (
+            (be.model, be.tok) if be is not None else load_model(model, device=device, dtype=dtype)
+        )
         results["ppl"] = perplexity(m, tok, ppl_text, ppl_seqlen, ppl_max_tokens, progress)
         del m, tok
     if use_vllm and gen_tasks:
@@ -216,7 +257,7 @@ def evaluate(
     for t in gen_tasks:
         results[t.name] = _run_task(be, t, gen, out_dir, progress)
 
-    accs = [r["accuracy"] for r in results.values() if "accuracy" in r]
+    accs = [r["accuracy"] for r in results.values() if r.get("accuracy") is not None]
     summary = {
         "model": label,
         "model_path": str(model) if isinstance(model, (str, Path)) else None,

@@ -118,15 +118,21 @@ def read_records(path: str | Path) -> list[dict]:
     suffix = p.suffix.lower()
     try:
         if suffix == ".jsonl":
-            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [
+                json.loads(line)
+                for line in p.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
         elif suffix == ".json":
             data = json.loads(p.read_text(encoding="utf-8"))
             if isinstance(data, dict):
-                key = next((k for k in ("examples", "data", "rows", "train", "test") if k in data), None)
+                key = next(
+                    (k for k in ("examples", "data", "rows", "train", "test") if k in data), None
+                )
                 if key is None:
                     raise QuantLRMError(
                         f"{p} is a JSON object without an 'examples'/'data'/'rows' list.",
-                        "store a list of row objects, or {\"examples\": [...]}.",
+                        'store a list of row objects, or {"examples": [...]}.',
                     )
                 data = data[key]
             rows = list(data)
@@ -143,7 +149,9 @@ def read_records(path: str | Path) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
         raise QuantLRMError(f"Cannot parse {p}: {e}.", "check the file is valid.") from e
     if not all(isinstance(r, dict) for r in rows):
-        raise QuantLRMError(f"{p}: every row must be an object with named fields.", "see `quantlrm eval --help`.")
+        raise QuantLRMError(
+            f"{p}: every row must be an object with named fields.", "see `quantlrm eval --help`."
+        )
     return rows
 
 
@@ -160,7 +168,8 @@ def _read_parquet(p: Path) -> list[dict]:
         return pd.read_parquet(p).to_dict("records")
     except ImportError as e:
         raise QuantLRMError(
-            f"Reading {p} needs pyarrow or pandas.", "pip install pyarrow, or convert the file to JSONL."
+            f"Reading {p} needs pyarrow or pandas.",
+            "pip install pyarrow, or convert the file to JSONL.",
         ) from e
 
 
@@ -188,7 +197,9 @@ def _rows(source: str | Path, task: str, flag: str, where: str) -> list[dict]:
     p = Path(source)
     if p.is_file():
         return read_records(p)
-    looks_like_hub = isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%-]+)?", source)
+    looks_like_hub = isinstance(source, str) and re.fullmatch(
+        r"[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%-]+)?", source
+    )
     if looks_like_hub:
         try:
             import datasets  # noqa: F401
@@ -199,7 +210,9 @@ def _rows(source: str | Path, task: str, flag: str, where: str) -> list[dict]:
                 f"pip install 'quantlrm[datasets]', or pass a local file with {flag}. {where}",
             ) from None
         return _load_hub(source)
-    raise QuantLRMError(f"{task}: data file {source} does not exist.", f"pass an existing file with {flag}. {where}")
+    raise QuantLRMError(
+        f"{task}: data file {source} does not exist.", f"pass an existing file with {flag}. {where}"
+    )
 
 
 def _field(row: dict, *names: str, required: bool = True, what: str = "") -> Any:
@@ -251,7 +264,10 @@ def _aime_year(row: dict) -> int | None:
 
 def _load_aime(source, years: range, name: str, flag: str) -> list[Sample]:
     if source is None:
-        raise QuantLRMError(f"Task {name!r} needs the AIME problems, which are not shipped.", f"pass them with {flag} FILE. {_AIME_WHERE}")
+        raise QuantLRMError(
+            f"Task {name!r} needs the AIME problems, which are not shipped.",
+            f"pass them with {flag} FILE. {_AIME_WHERE}",
+        )
     rows = _rows(source, name, flag, _AIME_WHERE)
     samples = []
     for i, r in enumerate(rows):
@@ -268,13 +284,19 @@ def _load_aime(source, years: range, name: str, flag: str) -> list[Sample]:
             )
         )
     if not samples:
-        raise QuantLRMError(f"{name}: no problems of years {years.start}-{years.stop - 1} in {source}.", f"pass a file with those years via {flag}.")
+        raise QuantLRMError(
+            f"{name}: no problems of years {years.start}-{years.stop - 1} in {source}.",
+            f"pass a file with those years via {flag}.",
+        )
     return samples
 
 
 def _gpqa_samples(source, seed: int) -> list[Sample]:
     if source is None:
-        raise QuantLRMError("Task 'gpqa' needs GPQA-Diamond, which is not shipped.", f"pass it with --gpqa FILE. {_GPQA_WHERE}")
+        raise QuantLRMError(
+            "Task 'gpqa' needs GPQA-Diamond, which is not shipped.",
+            f"pass it with --gpqa FILE. {_GPQA_WHERE}",
+        )
     rows = _rows(source, "gpqa", "--gpqa", _GPQA_WHERE)
     samples = []
     for i, r in enumerate(rows):
@@ -309,7 +331,9 @@ def _folio_rows_to_samples(rows: list[dict], prefix: str) -> list[Sample]:
         out.append(
             Sample(
                 f"{prefix}{sid if sid is not None else i}",
-                _folio_prompt(_field(r, "premises", what="folio"), str(_field(r, "conclusion", what="folio"))),
+                _folio_prompt(
+                    _field(r, "premises", what="folio"), str(_field(r, "conclusion", what="folio"))
+                ),
                 str(_field(r, "label", what="folio")).strip(),
             )
         )
@@ -320,7 +344,9 @@ def _folio_samples(source, split: str) -> list[Sample]:
     if source is None:
         rows = read_records(_shipped("folio", f"folio-{split}.jsonl"))
     else:
-        rows = _rows(source, "folio", "--folio", "FOLIO: github.com/Yale-LILY/FOLIO or hub yale-nlp/FOLIO.")
+        rows = _rows(
+            source, "folio", "--folio", "FOLIO: github.com/Yale-LILY/FOLIO or hub yale-nlp/FOLIO."
+        )
     # v0.0 validation rows have no ids; the position is stable for the shipped file.
     return _folio_rows_to_samples(rows, "")
 
@@ -329,7 +355,11 @@ def _temporal_samples(source) -> list[Sample]:
     path = source if source is not None else _shipped("bbh", "temporal_sequences.json")
     rows = read_records(path) if Path(path).is_file() else _rows(path, "temporal", "--temporal", "")
     return [
-        Sample(str(i), str(_field(r, "input", what="temporal")).strip(), str(_field(r, "target", what="temporal")).strip())
+        Sample(
+            str(i),
+            str(_field(r, "input", what="temporal")).strip(),
+            str(_field(r, "target", what="temporal")).strip(),
+        )
         for i, r in enumerate(rows)
     ]
 
@@ -375,7 +405,9 @@ def expand_task_names(names: str | list[str]) -> list[str]:
     return out
 
 
-def load_task(name: str, source: str | Path | None = None, *, seed: int = 0, limit: int | None = None) -> Task:
+def load_task(
+    name: str, source: str | Path | None = None, *, seed: int = 0, limit: int | None = None
+) -> Task:
     """Load a known benchmark as a `Task` (see the module docstring for names and schemas).
 
     `source` overrides the shipped data (folio, temporal, val_folio) or provides the data
@@ -385,7 +417,9 @@ def load_task(name: str, source: str | Path | None = None, *, seed: int = 0, lim
     [name] = expand_task_names([name]) if name in TASKS else [name]
     if name not in TASKS:
         expand_task_names([name])  # raises the "unknown task" error listing known names
-        raise QuantLRMError(f"Task {name!r} is not a generation task.", "use `evaluate` with tasks='ppl'.")
+        raise QuantLRMError(
+            f"Task {name!r} is not a generation task.", "use `evaluate` with tasks='ppl'."
+        )
     grader, _, flag = TASKS[name]
     if name == "aime":
         samples = _load_aime(source, range(2022, 2026), name, flag)
