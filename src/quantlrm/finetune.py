@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -46,6 +47,8 @@ from tqdm.auto import tqdm
 from quantlrm.arch import linear_names
 from quantlrm.checkpoint import Checkpoint, ShardedWriter
 from quantlrm.errors import QuantLRMError
+
+log = logging.getLogger(__name__)
 
 TEMPLATES = ("auto", "raw", "chat")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -80,6 +83,8 @@ class FinetuneOptions:
     save_model: bool = False
     resume: bool = False
     stop_after: int | None = None  # stop (state saved) after this step; resume later
+    save_state: bool = True  # optimizer + weights at snapshots, for --resume (off: saves disk/time)
+    state_every: int | None = None  # also save the state every N steps
     template: str = "auto"
     prompt_field: str = "prompt"
     response_field: str = "response"
@@ -311,6 +316,10 @@ def check_options(opts: FinetuneOptions) -> FinetuneOptions:
             f"--stop-after {opts.stop_after} lies outside 1..{opts.steps}.",
             "choose a step in range.",
         )
+    if opts.state_every is not None and opts.state_every <= 0:
+        raise QuantLRMError(
+            f"--state-every {opts.state_every} must be positive.", "e.g. --state-every 200."
+        )
     for name in ("batch_size", "grad_accum", "max_len"):
         if getattr(opts, name) <= 0:
             raise QuantLRMError(
@@ -370,9 +379,9 @@ def weight_pairs(model: torch.nn.Module, base: Checkpoint) -> Callable[[], Itera
 
     def pairs():
         for name in names:
-            w0 = base.get(f"{name}.weight")
-            w1 = model.get_parameter(f"{name}.weight").detach().to(w0.dtype)
-            yield name, w0, w1
+            w1 = model.get_parameter(f"{name}.weight").detach()
+            w0 = base.get(f"{name}.weight").to(w1.device)
+            yield name, w0, w1.to(w0.dtype)
 
     return pairs
 
@@ -443,11 +452,10 @@ def save_state(out: Path, step: int, model, optimizer, history: list[dict]) -> N
 
 
 def load_state(out: Path, model, optimizer) -> tuple[int, list[dict]]:
+    """Restore the latest saved state; (0, []) when the run stopped before its first one."""
     latest = out / "state" / "latest.json"
     if not latest.is_file():
-        raise QuantLRMError(
-            f"{out} holds no saved training state to resume from.", "start without --resume."
-        )
+        return 0, []
     info = json.loads(latest.read_text())
     d = out / "state" / info["dir"]
     params = load_file(str(d / "params.safetensors"))
@@ -463,6 +471,10 @@ def load_state(out: Path, model, optimizer) -> tuple[int, list[dict]]:
     return int(info["step"]), json.loads((d / "history.json").read_text())
 
 
+def _same_path(a: str | None, b: str) -> bool:
+    return a is not None and Path(a).resolve() == Path(b).resolve()
+
+
 def _prepare_out(opts: FinetuneOptions) -> Path:
     out = Path(opts.out)
     run_json = out / "run.json"
@@ -472,7 +484,12 @@ def _prepare_out(opts: FinetuneOptions) -> Path:
                 f"{out} is not a finetune run directory (no run.json).", "start without --resume."
             )
         old = json.loads(run_json.read_text())["options"]
-        changed = [k for k in (*_TRAJECTORY_FIELDS, "model") if old.get(k) != getattr(opts, k)]
+        same_file = {k: _same_path(old.get(k), getattr(opts, k)) for k in ("model", "data")}
+        changed = [
+            k
+            for k in ("model", *_TRAJECTORY_FIELDS)
+            if not same_file.get(k, old.get(k) == getattr(opts, k))
+        ]
         if changed:
             raise QuantLRMError(
                 f"--resume with changed option(s) {changed} (run.json has {[old.get(k) for k in changed]}).",
@@ -496,7 +513,11 @@ def _load_model(opts: FinetuneOptions, device: torch.device):
     try:
         tokenizer = AutoTokenizer.from_pretrained(opts.model)
         # fp32 master weights; bf16 only inside autocast.
-        model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            opts.model,
+            dtype=torch.float32,
+            device_map=str(device) if device.type == "cuda" else None,
+        )
     except (OSError, ValueError) as e:
         raise QuantLRMError(
             f"cannot load model/tokenizer from {opts.model} ({e}).",
@@ -526,8 +547,10 @@ def _make_optimizer(
     )
 
 
-def _train_step(model, batches, n_tokens: int, device: torch.device, bf16: bool) -> float:
-    """Forward/backward over the micro-batches of one step; returns mean token loss."""
+def _train_step(model, batches, device: torch.device, bf16: bool) -> tuple[float, int]:
+    """Forward/backward over the micro-batches of one step, the loss averaged over all
+    response tokens of the step (as one big batch would); returns (loss, tokens)."""
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     total = 0.0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -543,7 +566,7 @@ def _train_step(model, batches, n_tokens: int, device: torch.device, bf16: bool)
         if n_tokens:
             (loss / n_tokens).backward()
         total += float(loss.detach())
-    return total / max(n_tokens, 1)
+    return total / max(n_tokens, 1), n_tokens
 
 
 def finetune(opts: FinetuneOptions) -> Path:
@@ -562,6 +585,8 @@ def finetune(opts: FinetuneOptions) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(opts, params)
     start, history = load_state(out, model, optimizer) if opts.resume else (0, [])
+    if opts.resume:
+        log.info("resuming %s at step %d of %d", out, start, opts.steps)
     _write_json(out / "run.json", {"options": asdict(opts), "history": history, "done": False})
     last = opts.stop_after or opts.steps
     per_step = opts.batch_size * opts.grad_accum
@@ -577,12 +602,11 @@ def finetune(opts: FinetuneOptions) -> Path:
             encode(tokenizer, data.messages(i), template, opts.max_len)
             for i in step_indices(step, per_step, len(data), opts.seed)
         ]
-        n_tokens = sum(len(ids) - n for ids, n in examples)
         batches = [
             collate(examples[i : i + opts.batch_size], pad_id)
             for i in range(0, per_step, opts.batch_size)
         ]
-        loss = _train_step(model, batches, n_tokens, device, bf16)
+        loss, n_tokens = _train_step(model, batches, device, bf16)
         if opts.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()
@@ -590,7 +614,8 @@ def finetune(opts: FinetuneOptions) -> Path:
         done = step + 1
         history.append({"step": done, "loss": loss, "lr": lr, "response_tokens": n_tokens})
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if done in opts.snapshot_steps or done == last:
+        periodic = opts.state_every is not None and done % opts.state_every == 0
+        if done in opts.snapshot_steps or done == last or periodic:
             _snapshot(model, base, opts, out, done, device, optimizer, history)
     _write_json(
         out / "run.json", {"options": asdict(opts), "history": history, "done": last == opts.steps}
@@ -610,6 +635,7 @@ def _snapshot(model, base, opts, out: Path, step: int, device, optimizer, histor
         save_signals(snapshot_signals(model, base, opts, device), d)
         if opts.save_model:
             save_model_copy(model, base, d / "model")
-    save_state(out, step, model, optimizer, history)
+    if opts.save_state:
+        save_state(out, step, model, optimizer, history)
     _write_json(out / "run.json", {"options": asdict(opts), "history": history, "done": False})
     model.train()

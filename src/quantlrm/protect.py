@@ -95,8 +95,8 @@ def protect_weight(w: torch.Tensor, keep: torch.Tensor, bits: int, group_size: i
     """
     out, inp = w.shape
     g = check_config(bits, group_size, inp)
-    mask = torch.zeros(inp, dtype=torch.bool)
-    mask[keep] = True
+    mask = torch.zeros(inp, dtype=torch.bool, device=w.device)
+    mask[keep.to(w.device)] = True
     mask_g = mask.view(1, inp // g, g)  # [1, in/g, g]
     wg = w.detach().to(torch.float32).reshape(out, inp // g, g)  # [out, in/g, g]
     # Stand-in for protected entries: the group's smallest unprotected weight, which leaves
@@ -201,7 +201,7 @@ def signal_importance(opts: ProtectOptions) -> tuple[dict[str, torch.Tensor], st
 def calibration_importance(
     opts: ProtectOptions, names: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Activation importance (Eq. 3) of the model on calibration text."""
+    """Activation importance (Eq. 3) of the model on calibration text, and the text's source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantlrm import calib
@@ -217,7 +217,7 @@ def calibration_importance(
     model = AutoModelForCausalLM.from_pretrained(opts.model, dtype="auto").to(opts.device).eval()
     imp = activation_importance(model, data.input_ids, names, opts.progress)
     del model
-    return imp, f"activations on {data.description}"
+    return imp, data.source
 
 
 # ----------------------------------------------------------------------------- model
@@ -250,14 +250,15 @@ def protect_model(opts: ProtectOptions) -> Path:
                 continue
             name = linear_weights[key]
             keep = top_channels(importance[name], opts.fraction)
-            writer.add_tensor(key, protect_weight(t, keep, opts.bits, opts.group_size))
+            mixed = protect_weight(t.to(opts.device), keep, opts.bits, opts.group_size)
+            writer.add_tensor(key, mixed.cpu())
             modules[name] = {"in_features": t.shape[1], "kept": keep.tolist()}
             kept_weights += keep.numel() * t.shape[0]
             all_weights += t.numel()
         writer.close(ckpt.config)
         report = {
             "signal": opts.signal,
-            "label": paper_label(opts.signal, opts.calib),
+            "label": paper_label(opts.signal, source),
             "importance_source": source,
             "fraction": opts.fraction,
             "bits": opts.bits,
@@ -285,10 +286,12 @@ def _check_importance(
 # ----------------------------------------------------------------------------- tables
 
 
-def paper_label(signal: str, calib: str | None = None) -> str:
-    """The paper's row name for a signal, e.g. 'SFT both ends'."""
+def paper_label(signal: str, calib_source: str | None = None) -> str:
+    """The paper's row name for a signal, e.g. 'SFT both ends' or 'Activation on AWQ calibration'."""
     if signal == "activation":
-        return f"Activation on {calib}" if calib else "Activation on AWQ calibration"
+        if calib_source in (None, "pileval"):
+            return "Activation on AWQ calibration"
+        return f"Activation on {Path(calib_source).name or calib_source}"
     return PAPER_NAMES.get(signal, signal)
 
 

@@ -83,6 +83,14 @@ def register(sub) -> None:
         help="stop after this step (state saved); --resume later",
     )
     p.add_argument(
+        "--no-save-state",
+        action="store_true",
+        help="do not save weights+optimizer at snapshots (saves disk and time; no --resume)",
+    )
+    p.add_argument(
+        "--state-every", type=int, default=None, help="also save the training state every N steps"
+    )
+    p.add_argument(
         "--template",
         default="auto",
         choices=("auto", "raw", "chat"),
@@ -123,13 +131,14 @@ def run(args) -> int:
         snapshot_steps=parse_steps(args.snapshot_steps), lr=args.lr, batch_size=args.batch_size,
         grad_accum=args.grad_accum, warmup=args.warmup, max_len=args.max_len, device=args.device,
         bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, save_model=args.save_model,
-        resume=args.resume, stop_after=args.stop_after, template=args.template,
+        resume=args.resume, stop_after=args.stop_after, save_state=not args.no_save_state,
+        state_every=args.state_every, template=args.template,
         prompt_field=args.prompt_field, response_field=args.response_field,
         messages_field=args.messages_field, variant=args.variant, y_min=args.y_min, y_max=args.y_max,
         optimizer=args.optimizer, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         train=args.train, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     out = finetune(opts)
-    snaps = ", ".join(f"{out}/step-{k}" for k in opts.snapshot_steps or [opts.steps])
-    print(f"signals written: {snaps}")
+    snaps = sorted(out.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    print(f"signals in: {', '.join(map(str, snaps)) or '(none yet)'}; log: {out / 'run.json'}")
     return 0
