@@ -1,0 +1,198 @@
+"""`QuantLinear` and `load_quantized`: run a compressed-tensors pack-quantized export on our kernels.
+
+`load_quantized(path)` builds the transformers model from the checkpoint's config on the meta
+device, puts a `QuantLinear` wherever the checkpoint holds `<linear>.weight_packed`, and loads
+every other tensor as stored. The packed weights are re-laid out once for the kernels
+(`quantlrm.kernels.layout`); nothing is ever materialised at 16 bits, so an 8B W3 model needs
+about 3.5 GB of weights plus the unquantized embeddings and lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantlrm.errors import QuantLRMError
+from quantlrm.kernels import KernelWeight, qmatmul
+from quantlrm.kernels import layout as L
+from quantlrm.quantizer import QuantResult, quantize
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with group-wise asymmetric low-bit weights; y = x @ dequant(W)^T + b.
+
+    On CUDA the product runs on the Triton kernels; on CPU it falls back to the torch
+    reference (dequantize, then matmul), which is correct but slow.
+    """
+
+    def __init__(self, kw: KernelWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features = kw.in_features
+        self.out_features = kw.out_features
+        self.bits = kw.bits
+        self.group_size = kw.group_size
+        for i, p in enumerate(kw.planes):
+            self.register_buffer(f"plane{i}", p)
+        self.n_planes = len(kw.planes)
+        self.register_buffer("scale", kw.scale)
+        self.register_buffer("zero", kw.zero)
+        self.bias = nn.Parameter(bias.to(kw.scale.dtype), requires_grad=False) if bias is not None else None
+
+    @property
+    def weight_layout(self) -> KernelWeight:
+        planes = [getattr(self, f"plane{i}") for i in range(self.n_planes)]
+        return KernelWeight(planes, self.scale, self.zero, self.bits, self.group_size,
+                            self.in_features, self.out_features)
+
+    @classmethod
+    def from_quant_result(cls, q: QuantResult, bias: torch.Tensor | None = None,
+                          dtype: torch.dtype = torch.float16) -> QuantLinear:
+        """From the quantizer's codes; the scale is rounded to `dtype` as the export does."""
+        return cls(L.from_codes(q.codes, q.scale, q.zero, q.bits, q.group_size, dtype), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> QuantLinear:
+        """Round-to-nearest quantization of a dense linear (benchmarks, tests)."""
+        q = quantize(linear.weight.data, bits, group_size)
+        return cls.from_quant_result(q, linear.bias.data if linear.bias is not None else None,
+                                     linear.weight.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return L.dequantize(self.weight_layout, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = qmatmul(x.to(self.scale.dtype), self.weight_layout)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _quant_args(qcfg: dict) -> tuple[int, int | None]:
+    """(bits, group_size) of a pack-quantized config; one weight scheme per model."""
+    if qcfg.get("quant_method") != "compressed-tensors":
+        raise QuantLRMError(
+            f"quantization_config.quant_method is {qcfg.get('quant_method')!r}, not 'compressed-tensors'.",
+            "export with --format compressed-tensors to run on QuantLRM's kernels.",
+        )
+    groups = qcfg.get("config_groups") or {}
+    schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups.values() if g.get("weights")}
+    fmts = {g.get("format", qcfg.get("format")) for g in groups.values()}
+    if fmts - {"pack-quantized", None} or qcfg.get("format") not in ("pack-quantized", None):
+        raise QuantLRMError(
+            f"compressed-tensors format {qcfg.get('format')!r} is not pack-quantized.",
+            "export with --format compressed-tensors (pack-quantized) for these kernels.",
+        )
+    if len(schemes) != 1:
+        raise QuantLRMError(
+            f"expected one weight scheme in quantization_config.config_groups, found {len(schemes)}.",
+            "export the model with one bit width and group size.",
+        )
+    w = json.loads(schemes.pop())
+    if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+        raise QuantLRMError(
+            f"weight scheme {w} is not integer group/channel quantization.",
+            "use a quantlrm compressed-tensors export.",
+        )
+    return int(w["num_bits"]), (int(w["group_size"]) if w.get("group_size") else None)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
+                   attn_implementation: str = "sdpa") -> nn.Module:
+    """Load a quantlrm compressed-tensors export with QuantLinear layers, ready to `generate`.
+
+    `dtype` is the activation dtype (default: the checkpoint's torch_dtype, fp16 if unset).
+    Packed models run on a CUDA GPU; on a CPU-only machine this raises QuantLRMError.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise QuantLRMError(
+            "running a packed quantized model needs a CUDA GPU"
+            + (" and none is visible here." if not torch.cuda.is_available() else f", not {device}."),
+            "run on a machine with an NVIDIA GPU, or evaluate the fake-quant export (--format fake) on CPU.",
+        )
+    return build_quantized(path, device, dtype, attn_implementation)
+
+
+def build_quantized(path: str | Path, device: str | torch.device, dtype: torch.dtype | None = None,
+                    attn_implementation: str = "sdpa") -> nn.Module:
+    """`load_quantized` without the GPU check: on CPU the QuantLinears use the slow torch
+    reference (tests check the loading logic this way)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantlrm.checkpoint import Checkpoint
+
+    device = torch.device(device)
+    ckpt = Checkpoint(path)
+    qcfg = ckpt.config.get("quantization_config")
+    if not qcfg:
+        raise QuantLRMError(f"{path} has no quantization_config in config.json.",
+                            "load an unquantized model with transformers' from_pretrained.")
+    bits, group_size = _quant_args(qcfg)
+    if bits not in L.KERNEL_BITS:
+        raise QuantLRMError(f"{bits}-bit weights have no kernel.", f"export with --bits in {L.KERNEL_BITS}.")
+    cfg_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**cfg_dict)
+    if dtype is None:
+        name = cfg_dict.get("torch_dtype") or cfg_dict.get("dtype") or "float16"
+        dtype = getattr(torch, name) if name in ("float16", "bfloat16") else torch.float16
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    keys = set(ckpt.keys())
+    packed = sorted(k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed"))
+    if not packed:
+        raise QuantLRMError(f"{path} holds no '*.weight_packed' tensors.", "export with --format compressed-tensors.")
+    from tqdm import tqdm
+
+    for name in tqdm(packed, desc="packed linears", disable=len(packed) < 8):
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError as e:
+            raise QuantLRMError(f"checkpoint linear {name} is not a module of {config.model_type}.",
+                                "check that config.json belongs to these weights.") from e
+        zp = ckpt.get(f"{name}.weight_zero_point").to(device) if f"{name}.weight_zero_point" in keys else None
+        kw = L.from_compressed_tensors(
+            ckpt.get(f"{name}.weight_packed").to(device), ckpt.get(f"{name}.weight_scale").to(device), zp,
+            ckpt.get(f"{name}.weight_shape").tolist(), bits, group_size, dtype,
+        )
+        bias = ckpt.get(f"{name}.bias").to(device) if f"{name}.bias" in keys else None
+        if getattr(lin, "bias", None) is not None and bias is None:
+            raise QuantLRMError(f"{name}.bias is missing from the checkpoint.", "re-export the model.")
+        _set_module(model, name, QuantLinear(kw, bias))
+    # Everything else: load as stored (cast floats to the activation dtype).
+    for full, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "meta":
+            continue
+        mod_name, _, attr = full.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        if full in keys:
+            v = ckpt.get(full).to(device)
+            v = v.to(dtype) if v.is_floating_point() else v
+            if isinstance(t, nn.Parameter):
+                mod._parameters[attr] = nn.Parameter(v, requires_grad=False)
+            else:
+                mod._buffers[attr] = v
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in keys:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    # Non-persistent buffers (rotary inv_freq) are computed in __init__: rebuild those modules.
+    for mod_name, mod in list(model.named_modules()):
+        if any(b.device.type == "meta" for b in mod.buffers(recurse=False)):
+            if "Rotary" not in type(mod).__name__:
+                break
+            with torch.device(device):
+                _set_module(model, mod_name, type(mod)(config=mod.config))
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise QuantLRMError(f"{path} lacks tensors the model needs, e.g. {missing[:3]}.",
+                            "re-export the checkpoint; it is incomplete.")
+    return model.eval()
