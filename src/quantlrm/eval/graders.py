@@ -69,7 +69,8 @@ def extract_boxed(text: str) -> str | None:
 def _clean_math(s: str) -> str:
     s = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)  # degrees
-    s = re.sub(r"\\[,;:! ]|~|\$|\\\(|\\\)|\\\[|\\\]", "", s)  # spacing and math delimiters
+    s = s.replace("{,}", ",")  # LaTeX thousands separator "1{,}000"
+    s = re.sub(r"\\[,;:! $]|~|\$|\\\(|\\\)|\\\[|\\\]", "", s)  # spacing, \$, math delimiters
     s = re.sub(r"^\s*[a-zA-Z]\w*\s*=\s*", "", s)  # "x = 42", "N=42"
     s = s.strip().rstrip(".")
     return s.replace(" ", "")
@@ -145,7 +146,7 @@ _LABEL_WORD = r"(true|false|uncertain|unknown)"
 _LABEL_MARKED = [
     re.compile(p, re.I)
     for p in (
-        rf"(?:answer|conclusion|label|verdict)(?:\s+is)?\s*(?::|-|=)?\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\s*(?:\\text\{{)?\s*\(?{_LABEL_WORD}\b",
+        rf"(?:answer|conclusion|statement|label|verdict)(?:\s+is)?\s*(?::|-|=)?\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\s*(?:\\text\{{)?\s*\(?{_LABEL_WORD}\b",
         rf"\\boxed\{{\s*(?:\\text(?:bf)?\{{)?\s*{_LABEL_WORD}\b",
         rf"\*\*\s*{_LABEL_WORD}\s*[.!]?\s*\*\*",
     )
