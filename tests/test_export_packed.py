@@ -108,7 +108,7 @@ def test_pack_dense_matches_bit_by_bit_reading(bits):
 
 
 # ------------------------------------------------------- compressed-tensors --------
-def library_reference(model, qr, bits, dtype, out: Path):
+def library_reference(model, qr, bits, dtype, out: Path, g=G):
     """What compressed-tensors' own ModelCompressor writes for the same scales/zeros/codes."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -120,7 +120,10 @@ def library_reference(model, qr, bits, dtype, out: Path):
 
     m = tiny(dtype)
     m.load_state_dict(model.state_dict())
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=G)
+    if g == -1:
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="channel")
+    else:
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=g)
     cfg = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
         ignore=["lm_head"],
@@ -141,15 +144,15 @@ def library_reference(model, qr, bits, dtype, out: Path):
     return load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())
 
 
-@pytest.mark.parametrize("bits,dtype", [(2, torch.float32), (3, torch.float32), (3, torch.bfloat16),
-                                        (4, torch.bfloat16), (8, torch.float32)])
-def test_compressed_tensors_equals_library_output(tmp_path, bits, dtype):
+@pytest.mark.parametrize("bits,dtype,g", [(2, torch.float32, G), (3, torch.float32, G), (3, torch.bfloat16, G),
+                                          (4, torch.bfloat16, G), (8, torch.float32, G), (4, torch.float32, -1)])
+def test_compressed_tensors_equals_library_output(tmp_path, bits, dtype, g):
     # (8-bit only in fp32: re-quantizing a bf16 fake weight with |q - z| up to 255 is lossy
-    # inside the library's reference path, not in ours)
+    # inside the library's reference path, not in ours; g = -1 is the "channel" strategy)
     model = tiny(dtype)
-    qr = quantize_linears(model, bits)
-    ours = export(model, qr, "compressed-tensors", bits, tmp_path / "ours")
-    ref_sd, ref_cfg = library_reference(model, qr, bits, dtype, tmp_path / "ref")
+    qr = quantize_linears(model, bits, g)
+    ours = export(model, qr, "compressed-tensors", bits, tmp_path / "ours", g)
+    ref_sd, ref_cfg = library_reference(model, qr, bits, dtype, tmp_path / "ref", g)
     our_sd = load_file(ours / "model.safetensors")
     assert set(our_sd) == set(ref_sd)
     for k, v in our_sd.items():
@@ -342,7 +345,19 @@ def test_size_report_against_16_bit(tmp_path, capsys):
 
 
 def test_mixed_group_sizes_are_refused(tmp_path):
-    w = get_writer("compressed-tensors", tmp_path, 4, -1)
-    w.add_linear("a", quantize(torch.randn(8, 64), 4, -1), torch.float32)
+    w = get_writer("gptq", tmp_path, 4, 64)
+    w.add_linear("a", quantize(torch.randn(8, 64), 4, 64), torch.float32)
     with pytest.raises(QuantLRMError, match="group size"):
-        w.add_linear("b", quantize(torch.randn(8, 128), 4, -1), torch.float32)
+        w.add_linear("b", quantize(torch.randn(8, 128), 4, 128), torch.float32)
+
+
+def test_per_channel_gptq_and_awq_refusal(tmp_path):
+    model = tiny()
+    out = export(model, quantize_linears(model, 4, -1), "gptq", 4, tmp_path / "g", -1)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == -1
+    sd = load_file(out / "model.safetensors")
+    assert sd["model.layers.0.mlp.down_proj.scales"].shape == (1, 64)
+    assert not sd["model.layers.0.mlp.down_proj.g_idx"].any()
+    w = get_writer("awq", tmp_path / "a", 4, -1)
+    with pytest.raises(QuantLRMError, match="group size"):
+        w.add_linear("lin", quantize(torch.randn(8, 64), 4, -1), torch.float16)

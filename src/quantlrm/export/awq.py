@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from quantlrm.errors import QuantLRMError
 from quantlrm.export import register
 from quantlrm.export.packing import PackedWriter, check_fp16_scales, require_divisible, to_int32
 from quantlrm.quantizer import QuantResult
@@ -41,6 +42,11 @@ class AWQWriter(PackedWriter):
 
     def pack(self, name: str, q: QuantResult, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out, _ = q.codes.shape
+        if self.group_size == -1:
+            raise QuantLRMError(
+                "AWQ GEMM kernels need a group size; per-channel (-1) quantization cannot be stored.",
+                "use --group-size 128 (or 64/32), or --format gptq / compressed-tensors for per-channel.",
+            )
         require_divisible(name, "output width", out, 8, "AWQ GEMM", self.bits)
         check_fp16_scales(name, q.scale)
         return {

@@ -3,7 +3,7 @@
 Per quantized linear (layout of compressed-tensors 0.20.0, checked in
 tests/test_export_packed.py against the library's own ModelCompressor output):
   weight_packed      int32 [out, ceil(in*bits/32)]   codes packed densely along `in`, LSB first
-  weight_scale       model dtype [out, in/g]
+  weight_scale       model dtype [out, in/g]      (group -1: strategy "channel", [out, 1])
   weight_zero_point  int32 [ceil(out*bits/32), in/g] zero points packed densely along `out`
   weight_shape       int64 [2] = (out, in)
 The library thinks in signed integers (q - 2^(bits-1)) and adds 2^(bits-1) back before
@@ -48,11 +48,12 @@ class CompressedTensorsWriter(PackedWriter):
         }
 
     def quantization_config(self) -> dict:
+        per_channel = self.group_size == -1  # same tensors, scale/zero [out, 1]
         weights = {
             "dynamic": False,
-            "group_size": self.effective_group_size(),
+            "group_size": None if per_channel else self.effective_group_size(),
             "num_bits": self.bits,
-            "strategy": "group",
+            "strategy": "channel" if per_channel else "group",
             "symmetric": False,
             "type": "int",
         }

@@ -120,7 +120,9 @@ class PackedWriter:
                 f"{name} was quantized to {q.bits} bits but this {self.format_name} export is {self.bits}-bit.",
                 "quantize and export with the same --bits.",
             )
-        if self._resolved_group is None:
+        if self.group_size == -1:
+            pass  # per output channel: each layer's group is its own input width
+        elif self._resolved_group is None:
             self._resolved_group = q.group_size
         elif q.group_size != self._resolved_group:
             raise QuantLRMError(
@@ -150,6 +152,7 @@ class PackedWriter:
 
     # -- for subclasses --------------------------------------------------------------
     def effective_group_size(self) -> int:
+        """The group size for the config: -1 for per-channel, else the layers' (resolved) one."""
         return self._resolved_group if self._resolved_group is not None else self.group_size
 
     def unquantized_linears(self) -> list[str]:
