@@ -98,7 +98,8 @@ CHOICE = [
     ("A careful reading shows (B)", "(B)", True),
     ("A careful reading shows (B)", "(A)", False),  # the article "A" is no answer
     ("I choose A because it is free", "(A)", False),  # bare letter inside a sentence
-    ("Answer: E", "(E)", False),  # only A-D exist
+    ("Answer: E", "(E)", True),  # the demo's synthetic variants go up to H
+    ("Answer: I", "(I)", False),  # "Answer: I think" is no answer: I and J are excluded
     ("I don't know", "(A)", False),
     ("", "(A)", False),
 ]

@@ -6,7 +6,9 @@ Conventions follow the paper's evaluation (SPEC.md section 3):
   mentions many candidate answers); otherwise the whole completion;
 - ``aime``: the integer inside the last ``\\boxed{...}`` (nested braces, spaces, leading
   zeros, thousands separators, ``$``, ``\\text{}`` and ``^\\circ`` are tolerated);
-- ``temporal`` / ``gpqa``: the last option letter A-D. Letters marked as the answer
+- ``temporal`` / ``gpqa``: the last option letter A-H (the benchmarks use A-D; the
+  demo's synthetic variants use up to H; I and J are left out so "Answer: I think"
+  is no answer). Letters marked as the answer
   ("Answer: B", "answer is (B)", "**B**", ``\\boxed{B}``) win over bare "(B)" mentions,
   so "The answer is (B), not (A)" grades as B;
 - ``folio``: the last True / False / Uncertain (``Unknown`` counts as Uncertain, as in
@@ -118,7 +120,7 @@ def _choice_patterns(letters: str) -> tuple[list[re.Pattern], list[re.Pattern]]:
     return [re.compile(p) for p in marked], [re.compile(p) for p in bare]
 
 
-_CHOICE = {n: _choice_patterns(n) for n in ("A-D", "A-J")}
+_CHOICE = {n: _choice_patterns(n) for n in ("A-H", "A-J")}
 
 
 def _last_match(text: str, tiers: tuple[list[re.Pattern], ...]) -> str | None:
@@ -133,7 +135,7 @@ def _last_match(text: str, tiers: tuple[list[re.Pattern], ...]) -> str | None:
     return None
 
 
-def extract_choice(text: str, letters: str = "A-D") -> str | None:
+def extract_choice(text: str, letters: str = "A-H") -> str | None:
     """The last option letter given as the answer (answer-marked forms beat bare "(X)")."""
     if letters not in _CHOICE:
         _CHOICE[letters] = _choice_patterns(letters)
