@@ -15,6 +15,7 @@ from quantlrm.finetune import (
     finetune,
     lr_at,
     parse_steps,
+    resolve_template,
     step_indices,
 )
 from quantlrm.models import build_model, byte_tokenizer, tiny_config
@@ -94,6 +95,25 @@ def test_loss_mask_covers_response_and_eos_only():
     assert batch["input_ids"][1, 3:].tolist() == [256] * 4
 
 
+def test_chat_template_masks_everything_before_the_reply():
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A1"},
+    ]
+    assert resolve_template(tok, "auto") == "chat"
+    ids, n_prompt = encode(tok, msgs, "chat", 100)
+    assert bytes(ids).decode() == "[system]S\n[user]Q\n[assistant]A1\n"
+    assert bytes(ids[n_prompt:]).decode() == "A1\n"
+    with pytest.raises(QuantLRMError, match="no chat template"):
+        resolve_template(byte_tokenizer(), "chat")
+
+
 def test_schedule_and_batch_order():
     lrs = [lr_at(s, 10, 2, 1.0) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0]
@@ -159,6 +179,19 @@ def test_resume_matches_uninterrupted_run(base, data, tmp_path):
         assert torch.equal(v, b.importance[name]), name
     hist = [json.loads((d / "run.json").read_text())["history"] for d in (full, part)]
     assert [h["loss"] for h in hist[0]] == [h["loss"] for h in hist[1]]
+
+
+def test_bf16_checkpointed_adafactor_run_trains_only_linears(base, data, tmp_path):
+    from quantlrm.checkpoint import Checkpoint
+
+    opts = _opts(base, data, tmp_path / "lin", steps=2, snapshot_steps=[2], bf16=True, grad_checkpointing=True,
+                 optimizer="adafactor", lr=1e-2, train="linears", save_state=False, save_model=True)  # fmt: skip
+    out = finetune(opts)
+    assert not (out / "state").exists()
+    ft, orig = Checkpoint(out / "step-2" / "model"), Checkpoint(base)
+    moved = {k for k in orig.keys() if not torch.equal(ft.get(k), orig.get(k))}
+    assert moved and all(k.endswith("_proj.weight") for k in moved)
+    assert "model.embed_tokens.weight" not in moved
 
 
 def test_bad_finetune_input_is_clear(base, data, tmp_path, capsys):

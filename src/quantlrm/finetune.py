@@ -526,7 +526,11 @@ def _load_model(opts: FinetuneOptions, device: torch.device):
     model.to(device)
     model.config.use_cache = False
     if opts.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     if opts.train == "linears":
         linear = {f"{n}.weight" for _, _, n in linear_names(model.config.to_dict())}
         for n, p in model.named_parameters():
