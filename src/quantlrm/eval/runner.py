@@ -9,6 +9,7 @@ the same directory are refused rather than mixed.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from quantlrm.eval.backends import (
     vllm_usable,
 )
 from quantlrm.eval.graders import extract, normalize_reference
-from quantlrm.eval.tasks import TASKS, Task, expand_task_names, load_task
+from quantlrm.eval.tasks import Task, expand_task_names, load_task
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _score(task: Task, records: list[dict]) -> dict:
     n = len(records)
     correct = sum(bool(r["correct"]) for r in records)
     return {
-        "display": TASKS[task.name][1] if task.name in TASKS else task.name,
+        "display": task.display or task.name,
         "accuracy": correct / n if n else None,
         "correct": correct,
         "n": n,
@@ -215,7 +216,18 @@ def evaluate(
         else load_task(t, sources.get(t), seed=data_seed, limit=limit)
         for t in items
     ]
-    label = name or (Path(model).name if isinstance(model, (str, Path)) else type(model).__name__)
+    names = [t.name if isinstance(t, Task) else t for t in loaded]
+    if len(set(names)) != len(names):
+        raise QuantLRMError(f"Two tasks share a name in {names}.", "give every task its own name.")
+    is_dir = isinstance(model, (str, Path))
+    if backend not in ("auto", "transformers", "vllm"):
+        raise QuantLRMError(f"Unknown backend {backend!r}.", "use auto, transformers or vllm.")
+    if backend == "vllm" and not is_dir:
+        raise QuantLRMError(
+            "vLLM loads models from a directory, not a loaded model.",
+            "pass the model directory, or use backend='transformers'.",
+        )
+    label = name or (Path(model).name if is_dir else type(model).__name__)
 
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
@@ -239,9 +251,7 @@ def evaluate(
     gen_tasks = [t for t in loaded if isinstance(t, Task)]
     want_ppl = "ppl" in loaded
     be: Backend | None = None
-    use_vllm = isinstance(model, (str, Path)) and (
-        backend == "vllm" or (backend == "auto" and vllm_usable())
-    )
+    use_vllm = is_dir and (backend == "vllm" or (backend == "auto" and vllm_usable()))
     if not use_vllm and (gen_tasks or want_ppl):
         be = make_backend(
             model, tokenizer, backend="transformers", device=device, dtype=dtype, progress=progress
@@ -253,6 +263,9 @@ def evaluate(
         results["ppl"] = perplexity(m, tok, ppl_text, ppl_seqlen, ppl_max_tokens, progress)
         del m, tok
     if use_vllm and gen_tasks:
+        gc.collect()  # free the perplexity model's GPU memory before vLLM claims it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         be = make_backend(model, backend="vllm", dtype=dtype, tensor_parallel=tensor_parallel)
     for t in gen_tasks:
         results[t.name] = _run_task(be, t, gen, out_dir, progress)
@@ -260,7 +273,7 @@ def evaluate(
     accs = [r["accuracy"] for r in results.values() if r.get("accuracy") is not None]
     summary = {
         "model": label,
-        "model_path": str(model) if isinstance(model, (str, Path)) else None,
+        "model_path": str(model) if is_dir else None,
         "backend": be.name if be else None,
         "tasks": results,
         "avg": sum(accs) / len(accs) if accs else None,

@@ -47,6 +47,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,6 +57,7 @@ from quantlrm.errors import QuantLRMError
 from quantlrm.eval.graders import GRADERS, normalize_reference
 
 __all__ = [
+    "Benchmark",
     "GROUPS",
     "TASKS",
     "Sample",
@@ -83,8 +85,14 @@ class Task:
     name: str
     samples: list[Sample]
     grader: str = "exact"
+    display: str | None = None  # column name in reports (default: the name)
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"[\w.-]+", self.name):
+            raise QuantLRMError(
+                f"Task name {self.name!r} is not usable as a file name.",
+                "use letters, digits, '_', '-' or '.'.",
+            )
         if self.grader not in GRADERS:
             raise QuantLRMError(
                 f"Task {self.name!r} names unknown grader {self.grader!r}.",
@@ -97,13 +105,16 @@ class Task:
             normalize_reference(self.grader, s.reference)
 
     @classmethod
-    def from_pairs(cls, name: str, pairs, grader: str = "exact") -> Task:
+    def from_pairs(
+        cls, name: str, pairs, grader: str = "exact", display: str | None = None
+    ) -> Task:
         """Build a task from (prompt, reference) pairs; ids are the positions."""
-        return cls(name, [Sample(str(i), p, r) for i, (p, r) in enumerate(pairs)], grader)
+        samples = [Sample(str(i), p, r) for i, (p, r) in enumerate(pairs)]
+        return cls(name, samples, grader, display)
 
     def head(self, n: int | None) -> Task:
         """The first `n` samples (all when n is None)."""
-        return self if n is None else Task(self.name, self.samples[:n], self.grader)
+        return self if n is None else Task(self.name, self.samples[:n], self.grader, self.display)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -352,8 +363,12 @@ def _folio_samples(source, split: str) -> list[Sample]:
 
 
 def _temporal_samples(source) -> list[Sample]:
-    path = source if source is not None else _shipped("bbh", "temporal_sequences.json")
-    rows = read_records(path) if Path(path).is_file() else _rows(path, "temporal", "--temporal", "")
+    if source is None:
+        rows = read_records(_shipped("bbh", "temporal_sequences.json"))
+    else:
+        rows = _rows(
+            source, "temporal", "--temporal", "BBH: github.com/suzgunmirac/BIG-Bench-Hard."
+        )
     return [
         Sample(
             str(i),
@@ -371,20 +386,44 @@ def _val_folio_samples(source, seed: int) -> list[Sample]:
     if source is None:
         rows = read_records(_shipped("folio", "folio-train.jsonl"))
     else:
-        rows = _rows(source, "val_folio", "--folio-train", "")
+        rows = _rows(source, "val_folio", "--folio-train", "FOLIO: github.com/Yale-LILY/FOLIO.")
     samples = _folio_rows_to_samples(rows, "train-")
     idx = sorted(random.Random(seed).sample(range(len(samples)), min(VAL_FOLIO_N, len(samples))))
     return [samples[i] for i in idx]
 
 
-# name -> (grader, display name, flag that passes its data)
-TASKS: dict[str, tuple[str, str, str]] = {
-    "aime": ("aime", "AIME-120", "--aime"),
-    "folio": ("folio", "FOLIO", "--folio"),
-    "temporal": ("temporal", "Temporal", "--temporal"),
-    "gpqa": ("gpqa", "GPQA-Diamond", "--gpqa"),
-    "val_aime": ("aime", "AIME-2021 (val)", "--aime2021"),
-    "val_folio": ("folio", "FOLIO-train-100 (val)", "--folio-train"),
+@dataclass(frozen=True)
+class Benchmark:
+    """A known benchmark: its grader, its column name in tables, the CLI flag for its
+    data, and its loader (source, seed) -> samples."""
+
+    grader: str
+    display: str
+    flag: str
+    load: Callable[[Any, int], list[Sample]]
+
+
+TASKS: dict[str, Benchmark] = {
+    "aime": Benchmark(
+        "aime",
+        "AIME-120",
+        "--aime",
+        lambda src, _: _load_aime(src, range(2022, 2026), "aime", "--aime"),
+    ),
+    "folio": Benchmark(
+        "folio", "FOLIO", "--folio", lambda src, _: _folio_samples(src, "validation")
+    ),
+    "temporal": Benchmark(
+        "temporal", "Temporal", "--temporal", lambda src, _: _temporal_samples(src)
+    ),
+    "gpqa": Benchmark("gpqa", "GPQA-Diamond", "--gpqa", _gpqa_samples),
+    "val_aime": Benchmark(
+        "aime",
+        "AIME-2021 (val)",
+        "--aime2021",
+        lambda src, _: _load_aime(src, range(2021, 2022), "val_aime", "--aime2021"),
+    ),
+    "val_folio": Benchmark("folio", "FOLIO-train-100 (val)", "--folio-train", _val_folio_samples),
 }
 GROUPS = {"paper": ["aime", "folio", "temporal", "gpqa"], "validation": ["val_aime", "val_folio"]}
 
@@ -414,23 +453,12 @@ def load_task(
     that cannot be shipped (aime, val_aime, gpqa). `seed` fixes GPQA option order and
     the validation FOLIO subset.
     """
-    [name] = expand_task_names([name]) if name in TASKS else [name]
-    if name not in TASKS:
-        expand_task_names([name])  # raises the "unknown task" error listing known names
+    key = name.strip().lower()
+    if key not in TASKS:
+        expand_task_names([key])  # raises "unknown task", listing the known ones
         raise QuantLRMError(
-            f"Task {name!r} is not a generation task.", "use `evaluate` with tasks='ppl'."
+            f"{name!r} is not a single benchmark.",
+            "expand groups with expand_task_names(); 'ppl' is computed by evaluate().",
         )
-    grader, _, flag = TASKS[name]
-    if name == "aime":
-        samples = _load_aime(source, range(2022, 2026), name, flag)
-    elif name == "val_aime":
-        samples = _load_aime(source, range(2021, 2022), name, flag)
-    elif name == "gpqa":
-        samples = _gpqa_samples(source, seed)
-    elif name == "folio":
-        samples = _folio_samples(source, "validation")
-    elif name == "val_folio":
-        samples = _val_folio_samples(source, seed)
-    else:
-        samples = _temporal_samples(source)
-    return Task(name, samples, grader).head(limit)
+    bench = TASKS[key]
+    return Task(key, bench.load(source, seed), bench.grader, bench.display).head(limit)
