@@ -22,6 +22,20 @@ from quantlrm.errors import QuantLRMError
 
 INDEX_NAME = "model.safetensors.index.json"
 
+# safetensors dtype names -> torch dtypes, for `Checkpoint.read` (others fall back to `get`).
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 
 class Checkpoint:
     """A Hugging Face checkpoint directory: config.json plus safetensors shards."""
@@ -122,6 +136,62 @@ class Checkpoint:
         """Shape and dtype string without loading the data."""
         sl = self._open(self._where[name]).get_slice(name)
         return list(sl.get_shape()), sl.get_dtype()
+
+    def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
+        """Load one tensor with plain file reads instead of the memory map.
+
+        Why: pages of a memory-mapped shard that `get` touched stay counted in this
+        process's RSS until the kernel reclaims them, so one streaming pass over a 70B
+        checkpoint through `get` shows an RSS as large as the page cache. `read` copies the
+        bytes with `readinto` into a fresh tensor (pinned on request, for fast copies to a
+        GPU), so the process holds exactly the tensors it keeps; the copy releases the GIL,
+        so several threads can read ahead.
+        """
+        if name not in self._where:
+            return self.get(name)  # raises the "missing" error
+        shard = self._where[name]
+        header, data_start, size = self._header(shard)
+        entry = header.get(name)
+        dtype = _ST_DTYPES.get(entry["dtype"]) if entry else None
+        if dtype is None:
+            return self.get(name)
+        begin, end = entry["data_offsets"]
+        path = self.path / shard
+        if data_start + end > size:
+            raise QuantLRMError(
+                f"shard {path} is truncated: tensor {name} ends at byte {data_start + end} "
+                f"but the file has {size} bytes.",
+                "download that shard again (compare its size with the original).",
+            )
+        buf = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pin_memory)
+        view = memoryview(buf.numpy())
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise QuantLRMError(f"shard {path} ended early while reading {name}.", "download it again.")
+                got += k
+        return buf.view(dtype).reshape(entry["shape"])
+
+    def _header(self, shard: str) -> tuple[dict, int, int]:
+        """(tensor entries, byte offset of the data section, file size) of one shard, cached."""
+        headers = self.__dict__.setdefault("_headers", {})
+        if shard not in headers:
+            path = self.path / shard
+            try:
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+                size = path.stat().st_size
+            except (OSError, ValueError) as e:
+                raise QuantLRMError(
+                    f"shard {path} cannot be read ({e}); it is truncated or corrupted.",
+                    "download that shard again.",
+                ) from e
+            headers[shard] = (header, 8 + n, size)
+        return headers[shard]
 
     def shard_files(self) -> list[Path]:
         return [self.path / s for s in sorted(set(self._where.values()))]
