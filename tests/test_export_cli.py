@@ -8,6 +8,9 @@ from safetensors.torch import save_file
 
 from quantlrm.cli import main
 
+# transformers warns that the checkpoint already has a quantization_config; that is expected
+pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+
 
 def fake_run(tmp_path, bits=3):
     run = tmp_path / "run"

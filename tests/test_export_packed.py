@@ -16,6 +16,9 @@ from quantlrm.quantizer import QuantResult, quantize
 
 G = 32
 
+# transformers warns that the checkpoint already has a quantization_config; that is expected
+pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+
 
 # ---------------------------------------------------------------- helpers ----------
 def tiny(dtype=torch.float32, seed=0):
@@ -265,6 +268,28 @@ def test_awq_layout_and_library_converter(tmp_path):
     assert torch.equal(lib_codes.long() + 8, q.codes.long())
     assert torch.equal(lib_zeros.long() + 8, q.zero.long())
     assert torch.equal(conv["lin.weight_scale"], q.scale.to(torch.float16))
+
+
+def test_awq_export_read_by_library_converter_gives_stored_logits(tmp_path):
+    """Our AWQ checkpoint -> compressed-tensors' AutoAWQ converter (reads our config too) ->
+    transformers: the logits of a model holding (code - zero) * fp16 scale."""
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = tiny()
+    qr = quantize_linears(model, 4)
+    out = export(model, qr, "awq", 4, tmp_path / "awq")
+    conv = AutoAWQConverter.from_autoawq_config(json.loads((out / "config.json").read_text())["quantization_config"])
+    convert_checkpoint(out, tmp_path / "ct", conv, max_workers=1, device="cpu")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True), attn_implementation="eager"
+    ).eval()
+    ids = torch.tensor([[257, 65, 87, 81, 33]])
+    # the library dequantizes in the scale dtype (fp16), then casts to the model's fp32
+    want = fake_model(model, qr, lambda q: stored_dequant(q, torch.float16).half().float())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want(ids).logits)
 
 
 def test_awq_config(tmp_path):
