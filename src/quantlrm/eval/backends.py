@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -104,7 +105,9 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "auto"):
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    with warnings.catch_warnings():  # "quantization_config passed twice": intended here
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
     return model.to(device).eval(), tokenizer
 
 
