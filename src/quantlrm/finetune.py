@@ -25,7 +25,16 @@ Loss is taken on the response tokens (plus the EOS token that closes them) only.
 Training state (fp32 master weights of the trained parameters, optimizer state, RNG) is
 saved under `OUT/state/` at every snapshot; `--resume` continues from the latest one and
 gives the same weights as an uninterrupted run (the batch order and the learning rate are
-functions of the step number).
+functions of the step number; bit-identical on CPU, where the tests check it; on GPU up to
+the non-determinism of its kernels). `--stop-after K` ends a run early with its state
+saved, e.g. to fit a time-limited GPU session.
+
+Memory (arithmetic, per trained parameter): fp32 master weights 4 bytes + fp32 gradients
+4 + AdamW moments 8 = 16 bytes, so a 1.7B model needs about 27 GB before activations and
+an 8B one about 128 GB, more than one 80 GB GPU. `--optimizer adafactor` (factored second
+moment, no first moment) brings that to about 8 bytes, `--train linears` leaves the
+embeddings and norms frozen (the signals only use the linears), and `--grad-checkpointing`
+keeps one layer's activations instead of all.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from quantlrm.arch import linear_names
@@ -436,10 +445,12 @@ def save_state(out: Path, step: int, model, optimizer, history: list[dict]) -> N
     d = root / f"step-{step}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
-    params = {
-        n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
-    save_file(params, str(d / "params.safetensors"))
+    (d / "params").mkdir()
+    writer = ShardedWriter(d / "params", max_shard_bytes=2 << 30)  # bounded host memory
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            writer.add(n, p)
+    writer.close()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -458,11 +469,15 @@ def load_state(out: Path, model, optimizer) -> tuple[int, list[dict]]:
         return 0, []
     info = json.loads(latest.read_text())
     d = out / "state" / info["dir"]
-    params = load_file(str(d / "params.safetensors"))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(params[n])
+        for shard in sorted((d / "params").glob("*.safetensors")):
+            for n, t in load_file(str(shard)).items():
+                trained.pop(n).copy_(t)
+    if trained:
+        raise QuantLRMError(
+            f"the state in {d} lacks {len(trained)} trained tensors.", "start the run again."
+        )
     extra = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"]["cpu"])
