@@ -28,9 +28,14 @@ dataset NAME[:CONFIG][@SPLIT] when the optional `datasets` package is installed:
       (True/False/Uncertain). Default: the shipped FOLIO v0.0 files.
   --temporal: rows with input (question with options) and target like "(A)".
 
+grading (quantlrm.eval.grade), on the text after </think> when present: aime = the
+integer in the last \\boxed{}; temporal/gpqa = the last option letter given as the
+answer ("Answer: B", "answer is (B)", "**B**", \\boxed{B}; else the last "(B)");
+folio = the last True/False/Uncertain.
+
 outputs in --out: <model>/<task>.jsonl (prompt, completion, extracted answer, correct,
 tokens per completion), <model>/summary.json, and across models summary.json,
-results.md (a table like the paper's Table 2 with %% of the first model's average) and
+results.md (a table like the paper's Table 2 with % of the first model's average) and
 results.png. Rerunning with the same --out skips completions already written.
 """
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -55,6 +56,8 @@ from typing import Any
 
 from quantlrm.errors import QuantLRMError
 from quantlrm.eval.graders import GRADERS, normalize_reference
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Benchmark",
@@ -294,6 +297,8 @@ def _load_aime(source, years: range, name: str, flag: str) -> list[Sample]:
                 {"year": year},
             )
         )
+    if name == "aime" and len(samples) != 120:
+        log.warning("aime: %d problems of 2022-2025 in %s (AIME-120 has 120)", len(samples), source)
     if not samples:
         raise QuantLRMError(
             f"{name}: no problems of years {years.start}-{years.stop - 1} in {source}.",
@@ -322,6 +327,8 @@ def _gpqa_samples(source, seed: int) -> list[Sample]:
         body = "\n".join(f"({'ABCD'[k]}) {o}" for k, o in enumerate(options))
         sid = str(_field(r, "Record ID", "id", required=False) or i)
         samples.append(Sample(sid, f"{q}\n\nOptions:\n{body}", f"({letter})", {"options": options}))
+    if len(samples) != 198:
+        log.warning("gpqa: %d questions in %s (GPQA-Diamond has 198)", len(samples), source)
     return samples
 
 
