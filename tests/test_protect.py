@@ -197,7 +197,6 @@ def test_protect_activation_on_calibration_file(pair, tmp_path, capsys):
         (dict(signal="both-ends", fraction=1.0, base="x"), "outside"),
         (dict(signal="loud", base="x"), "unknown signal"),
         (dict(signal="mid"), "needs fine-tuning signals"),
-        (dict(signal="activation", base="x"), "calibration"),
         (dict(signal="magnitude", bits=5, base="x"), "5-bit"),
     ],
 )
@@ -225,3 +224,15 @@ def test_signals_table_bolds_the_best():
     assert lines[0] == "| Model | Protection signal | AIME-120 | folio | Avg |"
     assert lines[2] == "| tiny | SFT | 25.0 | **50.0** | 37.50 |"
     assert lines[3] == "| tiny | SFT both ends | **50.0** | 40.0 | **45.00** |"
+
+
+def test_paper_labels_name_the_calibration_actually_used():
+    from quantlrm.protect import paper_label
+
+    assert paper_label("both-ends") == "SFT both ends" and paper_label("magnitude") == "SFT"
+    assert paper_label("activation", "pileval") == "Activation on AWQ calibration"
+    assert (
+        paper_label("activation", "builtin (Python pydoc_data.topics)")
+        == "Activation on built-in text"
+    )
+    assert paper_label("activation", "/data/r1_chains.jsonl") == "Activation on r1_chains.jsonl"

@@ -23,6 +23,7 @@ in importance are broken by the lower channel index.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ from quantlrm.arch import linear_names
 from quantlrm.checkpoint import Checkpoint, atomic_output_dir
 from quantlrm.errors import QuantLRMError
 from quantlrm.quantizer import check_config, quantize
+
+log = logging.getLogger(__name__)
 
 SIGNAL_VARIANTS = ("both-ends", "both-ends-no-zero", "zeros-max", "zeros-min", "magnitude", "mid")
 SIGNALS = (*SIGNAL_VARIANTS, "activation")
@@ -164,10 +167,9 @@ def check_options(opts: ProtectOptions) -> None:
         )
     check_config(opts.bits, opts.group_size)
     if opts.signal == "activation":
-        if opts.signals or opts.base:
-            raise QuantLRMError(
-                "--signal activation uses calibration activations, not --signals/--base.",
-                "drop --signals/--base, or choose a fine-tuning signal variant.",
+        if opts.signals or opts.base:  # scripts loop over all signals with one argument set
+            log.info(
+                "--signal activation ranks by calibration activations; --signals/--base unused"
             )
     elif not (opts.signals or opts.base):
         raise QuantLRMError(
@@ -289,8 +291,12 @@ def _check_importance(
 def paper_label(signal: str, calib_source: str | None = None) -> str:
     """The paper's row name for a signal, e.g. 'SFT both ends' or 'Activation on AWQ calibration'."""
     if signal == "activation":
-        if calib_source in (None, "pileval"):
+        if calib_source is None:
+            return "Activation"
+        if calib_source == "pileval":
             return "Activation on AWQ calibration"
+        if calib_source.startswith("builtin"):
+            return "Activation on built-in text"
         return f"Activation on {Path(calib_source).name or calib_source}"
     return PAPER_NAMES.get(signal, signal)
 
