@@ -95,8 +95,8 @@ class QuantizeOptions:
 
 
 def _validate(opts: QuantizeOptions) -> None:
-    check_format(opts.format, opts.bits)
     check_config(opts.bits, opts.group_size)
+    check_format(opts.format, opts.bits)
     if opts.method not in METHODS:
         raise QuantLRMError(f"unknown method {opts.method!r}.", f"use --method {' | '.join(METHODS)}.")
     if opts.group_importance not in GROUP_IMPORTANCE:
