@@ -169,12 +169,12 @@ class TransformersBackend:
                     **sampling,
                 )
             for row, i in zip(gen[:, width:].tolist(), idx, strict=True):
-                n = len(row)
-                for k, t in enumerate(row):
-                    if t in eos_ids:
-                        n = k + 1
-                        break
-                out[i] = Generation(self.tok.decode(row[:n], skip_special_tokens=True), n)
+                n = next((k for k, t in enumerate(row) if t in eos_ids), None)
+                body = row if n is None else row[:n]
+                # Special tokens are kept: some tokenizers mark </think> special, and the
+                # graders need it. Only the end-of-sequence token and padding are dropped.
+                text = self.tok.decode(body, skip_special_tokens=False)
+                out[i] = Generation(text, len(row) if n is None else n + 1)
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
@@ -220,6 +220,7 @@ class VLLMBackend:
                 top_p=1.0 if cfg.greedy else cfg.top_p,
                 max_tokens=cfg.max_new_tokens,
                 seed=s,
+                skip_special_tokens=False,  # keep </think> where a tokenizer marks it special
             )
             for s in seeds
         ]
