@@ -527,12 +527,9 @@ def _load_model(opts: FinetuneOptions, device: torch.device):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(opts.model)
-        # fp32 master weights; bf16 only inside autocast.
-        model = AutoModelForCausalLM.from_pretrained(
-            opts.model,
-            dtype=torch.float32,
-            device_map=str(device) if device.type == "cuda" else None,
-        )
+        # fp32 master weights (bf16 only inside autocast), loaded on the host first:
+        # device_map would need `accelerate`, which quantlrm does not depend on.
+        model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise QuantLRMError(
             f"cannot load model/tokenizer from {opts.model} ({e}).",
