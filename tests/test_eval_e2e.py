@@ -159,3 +159,21 @@ def test_perplexity_matches_a_plain_loop():
     assert math.isclose(got["ppl"], math.exp(sum(losses) / len(losses)), rel_tol=1e-5)
     with pytest.raises(QuantLRMError, match="fewer than one window"):
         perplexity(model, tok, "tiny", seqlen=64, progress=False)
+
+
+def test_special_think_token_survives_decoding():
+    # Some tokenizers mark </think> special; completions must keep it for grading.
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["</think>"]})
+    think_id = tok.convert_tokens_to_ids("</think>")
+    model = build_model(tiny_config(vocab_size=think_id + 1))
+    head = torch.nn.Linear(64, think_id + 1, bias=True)
+    with torch.no_grad():  # a model that always says </think>, then stops
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[think_id] = 1.0
+    model.lm_head = head
+    gens = TransformersBackend(model, tok, progress=False).generate(
+        ["q"], GenerationConfig(greedy=True, max_new_tokens=3)
+    )
+    assert gens[0].text == "</think>" * 3 and gens[0].n_tokens == 3
