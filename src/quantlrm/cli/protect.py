@@ -8,7 +8,9 @@ HELP = """Keep the top FRACTION of input channels of every linear layer, ranked 
 importance signal, in 16 bits (unchanged) and round-to-nearest the rest to BITS bits; write a
 dequantized HF checkpoint that `quantlrm eval` scores, plus OUT/protect.json listing the kept
 channels per module. Signals: the fine-tuning-signal variants (need --signals DIR or --base
-B) or `activation` (mean squared input activation per channel on --calib text)."""
+B) or `activation` (mean squared input activation per channel on --calib text). Each group's
+grid (scale, zero point) is fitted to its unprotected weights only; protected columns stay
+bit-identical."""
 
 
 def register(sub) -> None:
