@@ -176,7 +176,7 @@ def _accumulate(hist: torch.Tensor, idx: torch.Tensor) -> None:
     if hist.device.type == "cpu":
         h = hist.numpy()
         np.add(h, np.bincount(idx.numpy(), minlength=BINS), out=h)
-    else:
+    elif idx.numel():
         hist += torch.bincount(idx, minlength=BINS)
 
 
