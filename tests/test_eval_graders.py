@@ -95,6 +95,9 @@ CHOICE = [
     ("<think>the answer is (A)</think>", "(A)", False),  # nothing after </think>
     ("Answer: I think the answer is (C)", "(C)", True),
     ("Answer: Between 6pm and 9pm", "(B)", False),  # "Between" is not the letter B
+    (f"{B}{{Between 6pm and 9pm}}", "(B)", False),
+    (f"{B}{{\\textbf{{(B)}}}}", "(B)", True),
+    (f"{B}{{B. 2pm to 6pm}}", "(B)", True),
     ("A careful reading shows (B)", "(B)", True),
     ("A careful reading shows (B)", "(A)", False),  # the article "A" is no answer
     ("I choose A because it is free", "(A)", False),  # bare letter inside a sentence

@@ -110,7 +110,7 @@ def _choice_patterns(letters: str) -> tuple[list[re.Pattern], list[re.Pattern]]:
     marked = [
         # "Answer: B", "answer is (B)", "Final answer: **C**", "the correct option is D"
         rf"(?i:answer|option|choice)(?:\s+is)?\s*(?::|-|=)?\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\(?({L})\)?{end}",
-        rf"\\boxed\{{\s*(?:\\text(?:bf)?\{{)?\s*\(?({L})\)?",  # \boxed{B}, \boxed{\text{(B)}}
+        rf"\\boxed\{{\s*(?:\\text(?:bf)?\{{)?\s*\(?({L})\)?{end}",  # \boxed{B}, \boxed{\text{(B)}}
         rf"\*\*\s*\(?({L})\)?\s*(?:[.:)]\s*)?\*\*",  # **B**, **(B)**, **B.**
     ]
     bare = [
