@@ -80,6 +80,9 @@ CHOICE = [
     ("So the answer is: (D)", "(D)", True),
     ("The correct option is D.", "(D)", True),
     ("which is option C.", "(C)", True),
+    ("Options:\n(A) 6pm to 9pm\n(B) 7am to 11am\nSo the free slot is (B)", "(B)", True),
+    ("Choices:\n(A) x\n(B) y\nI pick (B)", "(B)", True),
+    ("The correct choice is (C)", "(C)", True),
     ("Answer: D) 2pm to 6pm", "(D)", True),
     ("Answer: (A).", "(A)", True),
     ("answer:A", "(A)", True),
@@ -132,6 +135,9 @@ FOLIO = [
     ("A falsehood", "False", False),
     ("It cannot be determined", "Uncertain", False),
     ("Label: false", "False", True),
+    ("Is the conclusion True, False, or Uncertain? It is Uncertain.", "Uncertain", True),
+    ("Final answer: **True**", "True", True),
+    ("The answer is: False", "False", True),
     ("", "True", False),
 ]
 

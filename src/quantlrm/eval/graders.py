@@ -109,7 +109,9 @@ def _choice_patterns(letters: str) -> tuple[list[re.Pattern], list[re.Pattern]]:
     end = r"(?![A-Za-z0-9'])"
     marked = [
         # "Answer: B", "answer is (B)", "Final answer: **C**", "the correct option is D"
-        rf"(?i:answer|option|choice)(?:\s+is)?\s*(?::|-|=)?\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\(?({L})\)?{end}",
+        rf"(?i:answer)(?:\s+is)?\s*(?::|-|=)?\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\(?({L})\)?{end}",
+        # "option C", "the correct choice is (C)"; not an echoed "Options:\n(A) ..." list
+        rf"(?i:option|choice)\s+(?:is\s+)?\(?({L})\)?{end}",
         rf"\\boxed\{{\s*(?:\\text(?:bf)?\{{)?\s*\(?({L})\)?{end}",  # \boxed{B}, \boxed{\text{(B)}}
         rf"\*\*\s*\(?({L})\)?\s*(?:[.:)]\s*)?\*\*",  # **B**, **(B)**, **B.**
     ]
@@ -148,7 +150,8 @@ _LABEL_WORD = r"(true|false|uncertain|unknown)"
 _LABEL_MARKED = [
     re.compile(p, re.I)
     for p in (
-        rf"(?:answer|conclusion|statement|label|verdict)(?:\s+is)?\s*(?::|-|=)?\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\s*(?:\\text\{{)?\s*\(?{_LABEL_WORD}\b",
+        # "answer: X", "the conclusion is X"; not the echoed "is the conclusion True, False, ..."
+        rf"(?:answer|conclusion|statement|label|verdict)(?:\s+is|\s*[:=-])\s*(?:\*\*|\*)?\s*(?:\\boxed\{{)?\s*(?:\\text\{{)?\s*\(?{_LABEL_WORD}\b",
         rf"\\boxed\{{\s*(?:\\text(?:bf)?\{{)?\s*{_LABEL_WORD}\b",
         rf"\*\*\s*{_LABEL_WORD}\s*[.!]?\s*\*\*",
     )
