@@ -129,3 +129,15 @@ def test_task_names_groups_and_in_memory_tasks():
         Task("t", [Sample("a", "p", "1"), Sample("a", "q", "2")], grader="aime")
     with pytest.raises(QuantLRMError, match="not an integer"):
         Task.from_pairs("t", [("p", "x")], grader="aime")
+
+
+@pytest.mark.parametrize("name", ["temporal", "folio", "val_folio"])
+def test_every_shipped_reference_is_gradable(name):
+    t = load_task(name)
+    for s in t.samples:
+        ref = s.reference.strip("()")
+        assert grade(t.grader, f"<think>hmm</think>\nAnswer: {ref}", s.reference)
+        wrong = next(
+            x for x in (["A", "B"] if t.grader == "temporal" else ["True", "False"]) if x != ref
+        )
+        assert not grade(t.grader, f"<think>{ref}</think>\nAnswer: {wrong}", s.reference)
