@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine of this benchmark reaches the hub
+os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # its INFO lines would bury the results
 
 import torch  # noqa: E402
 
@@ -56,7 +57,9 @@ MODELS: dict[str, dict] = {
                       num_attention_heads=10, num_key_value_heads=2, head_dim=64, seed=12),
     "llama-120m": dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=16,
                        num_attention_heads=12, num_key_value_heads=4, seed=13),
-    # CPU smoke-test sizes.
+    # CPU sizes: a learning check (cpu-llama) and smoke tests (toy-*).
+    "cpu-llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, seed=3),
     "toy-llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, seed=1),
     "toy-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -177,7 +180,7 @@ class ModelRun:
         self.res["data"] = {"train_problems": len(train), "test_problems": len(self.tests), "level": a.level,
                             "pretrain_tokens_available": blocks.numel(), "seconds": round(time.time() - t0, 1)}
         T = a.train_seconds
-        st_pt = zt.Stage(steps=a.pt_steps, seconds=0.5 * T, lr=1e-3, batch_size=a.batch, warmup=100,
+        st_pt = zt.Stage(steps=a.pt_steps, seconds=0.5 * T, lr=1e-3, batch_size=a.pt_batch, warmup=100,
                          weight_decay=0.1)
         lg = zt.pretrain(model, tok, blocks, st_pt, self.device, seed)
         self.res["stages"].append(lg.as_dict())
@@ -411,6 +414,8 @@ class ModelRun:
             self.sig_dir = None
         for bits in a.bits:
             for label, kind, opts in METHODS:
+                if a.methods is not None and label not in a.methods:
+                    continue
                 if bits != a.bits[0] and label in a.first_bits_only:
                     continue
                 if opts.get("method") == "quantlrm" and self.sig_dir is None:
@@ -576,7 +581,8 @@ def parse_args(argv=None):
     ap.add_argument("--sft-steps", type=int, default=3000)
     ap.add_argument("--dpo-steps", type=int, default=300)
     ap.add_argument("--dpo-lr", type=float, default=1e-5)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="SFT batch (DPO: half as many pairs)")
+    ap.add_argument("--pt-batch", type=int, default=128, help="pre-training batch (packed blocks)")
     ap.add_argument("--seqlen", type=int, default=256, help="pre-training block length")
     ap.add_argument("--level", type=int, default=2, help="task difficulty (quantlrm.demo.tasks)")
     ap.add_argument("--train-per-task", type=int, default=20000)
@@ -587,6 +593,7 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--seqlen-calib", type=int, default=512)
+    ap.add_argument("--methods", default=None, help="comma list of method labels to run (default: all)")
     ap.add_argument("--first-bits-only", default="QuantLRM (group mean),QuantLRM (act factor)",
                     help="methods run at the first bit width only (comma list)")
     ap.add_argument("--extras", default="first", help="'first' model, 'all', or 'none': protect table + Fig. 3")
@@ -600,9 +607,11 @@ def parse_args(argv=None):
             a.models = "toy-llama,toy-qwen3"
         a.train_seconds = min(a.train_seconds, 60)
         a.pt_steps, a.sft_steps, a.dpo_steps = min(a.pt_steps, 40), min(a.sft_steps, 40), min(a.dpo_steps, 10)
+        a.pt_batch = 8
         a.batch, a.seqlen, a.train_per_task, a.test_per_task, a.dpo_prompts = 8, 128, 200, 8, 32
         a.calib_samples, a.seqlen_calib, a.max_new_tokens, a.pft_examples = 8, 128, 100, 64
         a.pft_snapshots = [2, 4]
+    a.methods = None if a.methods is None else [x for x in a.methods.split(",") if x]
     a.first_bits_only = [x for x in a.first_bits_only.split(",") if x]
     return a
 
