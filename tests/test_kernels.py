@@ -140,15 +140,17 @@ _INTERP_SCRIPT = textwrap.dedent("""
     from quantlrm.kernels import layout as L, candidates, run_config, dequant_triton, Config
     torch.manual_seed(0)
     worst = 0.0
-    for bits, n, k, g in ((3, 40, 96, 32), (4, 33, 128, 64), (3, 17, 256, 128), (4, 9, 100, 100)):
+    cases = ((3, 40, 96, 32), (4, 33, 256, 128), (3, 17, 256, 64), (4, 9, 100, 100), (3, 9, 100, 100),
+             (4, 20, 96, 48))  # odd K per channel; g=48 takes the generic path
+    for bits, n, k, g in cases:
         q = quantize(torch.randn(n, k), bits, g)
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.float16)
         wd = L.dequantize(kw, torch.float32)
         assert torch.equal(dequant_triton(kw, torch.float32), wd)
-        for m in (1, 3, 20):
+        for m in (1, 20):
             x = torch.randn(m, k).half()
             ref = x.float() @ wd.t()
-            for c in candidates(kw, m):
+            for c in candidates(kw, m)[:2] + candidates(kw, m)[-1:]:
                 if c.kind == "gemv":  # small tiles keep the interpreter fast; same code paths
                     c = Config("gemv", block_n=8, block_k=64 if bits == 3 else 16, split_k=c.split_k)
                 y = run_config(x, kw, c).float()
@@ -157,6 +159,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
                 worst = max(worst, err)
     print("WORST", worst)
 """)
+
 
 
 def test_triton_kernels_in_interpreter():
@@ -172,17 +175,17 @@ def test_triton_kernels_in_interpreter():
 
 
 @cuda
-@pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("g,dtype", [(32, torch.float16), (64, torch.float16), (128, torch.float16),
-                                     (128, torch.bfloat16)])
+@pytest.mark.parametrize("bits,g,dtype", [(3, 32, torch.float16), (4, 64, torch.float16),
+                                          (3, 128, torch.bfloat16), (4, 128, torch.float16),
+                                          (3, 128, torch.float16)])
 def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
-    """Every candidate configuration and the tuned choice, odd shapes, batch 1..64."""
+    """Every candidate configuration and the tuned choice; shapes off the tile grid; batch 1..64."""
     torch.manual_seed(bits * g)
     tol = 3e-3 if dtype == torch.float16 else 2e-2
-    for n, k in ((4096, 4096), (1000, 1536), (333, 384)):
+    for n, k in ((1000, 1536), (333, 384)):
         q = quantize(torch.randn(n, k, device="cuda"), bits, g)
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, dtype)
-        for m in (1, 2, 5, 16, 33, 64):
+        for m in (1, 5, 33, 64):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = _ref(x, q, dtype)
             for c in candidates(kw, m):
