@@ -19,18 +19,21 @@ import torch
 
 from quantlrm.errors import QuantLRMError
 from quantlrm.export import register
-from quantlrm.export.packing import PackedWriter, check_fp16_scales, require_divisible, to_int32
+from quantlrm.export.packing import PackedWriter, check_fp16_scales, pack_dense, require_divisible
 from quantlrm.quantizer import QuantResult
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """[rows, out] unsigned 4-bit values -> int32 [rows, out/8] in AWQ's interleaved order."""
+    """[rows, out] unsigned 4-bit values -> int32 [rows, out/8] in AWQ's interleaved order.
+
+    Word k's nibble i holds column 8k + AWQ_ORDER[i]: dense LSB-first packing of the columns
+    permuted within each run of 8.
+    """
     rows, cols = values.shape
-    v = values.to(torch.int64).view(rows, cols // 8, 8)[..., list(AWQ_ORDER)]  # [rows, out/8, 8]
-    shifts = torch.arange(8, dtype=torch.int64) * 4
-    return to_int32((v << shifts).sum(-1))
+    v = values.reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]  # [rows, out/8, 8]
+    return pack_dense(v.reshape(rows, cols), 4, dim=1)
 
 
 @register("awq", bits=(4,))

@@ -13,6 +13,7 @@ the fp32 scale, so the two differ by the rounding of the scale (at most
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,13 +21,6 @@ import torch
 from quantlrm.checkpoint import ShardedWriter
 from quantlrm.errors import QuantLRMError
 from quantlrm.quantizer import QuantResult
-
-_MASK32 = (1 << 32) - 1
-
-
-def to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Reinterpret int64 values in 0 .. 2^32-1 as the int32 with the same 32 bits."""
-    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
 
 
 def pack_dense(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
@@ -37,20 +31,29 @@ def pack_dense(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     layout of compressed-tensors' `pack_to_int32` (before its signed offset) and of GPTQ's
     qweight/qzeros for 2, 3, 4 and 8 bits. The packed dim gets ceil(n*bits/32) words.
     """
-    v = values.movedim(dim, -1).to(torch.int64)  # [..., n]
+    v = values.movedim(dim, -1)  # [..., n]
     if int(v.min()) < 0 or int(v.max()) >= 1 << bits:
         raise ValueError(f"values out of range for {bits}-bit packing")
-    n = v.shape[-1]
+    lead, n = v.shape[:-1], v.shape[-1]
     n_words = -(-n * bits // 32)
-    start = torch.arange(n, dtype=torch.int64) * bits  # global bit position of each element
-    word, off = start // 32, start % 32
-    out = torch.zeros(*v.shape[:-1], n_words + 1, dtype=torch.int64)
-    # bits that fit in the element's first word (no two elements share a bit, so add == or)
-    out.index_add_(-1, word, (v << off) & _MASK32)
-    spill = off + bits > 32  # the high bits of a straddling element go to the next word
-    if bool(spill.any()):
-        out.index_add_(-1, word[spill] + 1, v[..., spill] >> (32 - off[spill]))
-    return to_int32(out[..., :n_words]).movedim(-1, dim).contiguous()
+    n_pad = -(-n // 32) * 32  # 32 values fill exactly `bits` words
+    if n_pad > n:
+        v = torch.cat([v, v.new_zeros(*lead, n_pad - n)], -1)
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole values per byte, built in uint8 directly
+        per = 8 // bits
+        byts = v.to(torch.uint8).reshape(*lead, n_pad // per, per) << (torch.arange(per, dtype=torch.uint8) * bits)
+        byts = byts.sum(-1, dtype=torch.uint8)  # [..., n_pad/per]
+    else:
+        # 8 values fill exactly `bits` bytes: build each 8*bits-bit field, then cut it into bytes
+        acc = torch.int32 if bits <= 3 else torch.int64
+        x = v.reshape(*lead, n_pad // 8, 8).to(acc) << (torch.arange(8, dtype=acc) * bits)
+        x = x.sum(-1, dtype=acc)  # [..., n_pad/8]; fields do not overlap, so sum == or
+        byts = torch.stack([(x >> (8 * i)) & 0xFF for i in range(bits)], -1).to(torch.uint8)
+    byts = byts.reshape(*lead, n_pad * bits // 32, 4)  # [..., words, 4 bytes], LSB byte first
+    if sys.byteorder == "big":
+        byts = byts.flip(-1)
+    out = byts.contiguous().view(torch.int32).squeeze(-1)[..., :n_words]  # [..., n_words]
+    return out.movedim(-1, dim).contiguous()
 
 
 def stored_dequant(q: QuantResult, scale_dtype: torch.dtype) -> torch.Tensor:
