@@ -108,6 +108,8 @@ def _validate(opts: QuantizeOptions) -> None:
         raise QuantLRMError(f"unknown propagation {opts.propagate!r}.", "use fp or quant.")
     if opts.n_grid < 1 or opts.batch_tokens < 1:
         raise QuantLRMError("n_grid and batch_tokens must be positive.", "use the defaults (20, 16384).")
+    if opts.importance is not None and not isinstance(opts.importance, dict):
+        raise QuantLRMError("importance must be a dict of module name -> tensor.", "pass signals=DIR instead.")
     has_signals = opts.signals is not None or opts.base is not None or opts.importance is not None
     if opts.method == "quantlrm" and opts.apply is None and not has_signals:
         raise QuantLRMError(
@@ -131,7 +133,7 @@ def _validate(opts: QuantizeOptions) -> None:
         raise QuantLRMError("--out is the input model directory.", "write to a new directory.")
 
 
-def _check_shapes(ckpt: Checkpoint, arch: Arch, group_size: int) -> None:
+def _check_shapes(ckpt: Checkpoint, arch: Arch, bits: int, group_size: int) -> None:
     for short in arch.linears:
         name = arch.linear_path(0, short) + ".weight"
         if name not in ckpt:
@@ -140,7 +142,7 @@ def _check_shapes(ckpt: Checkpoint, arch: Arch, group_size: int) -> None:
                 "check that the checkpoint is complete and unmodified.",
             )
         shape, _ = ckpt.info(name)
-        check_config(4, group_size, shape[1])
+        check_config(bits, group_size, shape[1])
 
 
 def _model_dtype(ckpt: Checkpoint, arch: Arch) -> torch.dtype:
@@ -738,7 +740,11 @@ def _plan_from_file(tensors: dict, arch: Arch, i: int, ckpt: Checkpoint, record:
 
 def _fingerprint(opts: QuantizeOptions, extra: dict) -> dict:
     skip = {"out", "resume", "device", "progress", "overwrite", "importance"}
-    fp = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items() if k not in skip}
+    fp = {}
+    for f in dataclasses.fields(opts):
+        if f.name not in skip:
+            v = getattr(opts, f.name)
+            fp[f.name] = str(v) if isinstance(v, Path) else v
     fp["model"] = str(Path(opts.model).resolve())
     fp.update(extra)
     return fp
@@ -749,7 +755,7 @@ def _options_record(opts: QuantizeOptions) -> dict:
     for f in dataclasses.fields(opts):
         v = getattr(opts, f.name)
         if f.name == "importance":
-            v = "<in-memory>" if v is not None else None
+            v = None  # tensors are not options; quantlrm.json's "signals" says "in-memory" and their hash
         rec[f.name] = str(v) if isinstance(v, Path) else v
     return rec
 
@@ -770,7 +776,7 @@ def quantize_model(opts: QuantizeOptions) -> Path:
     _validate(opts)
     ckpt = Checkpoint(opts.model)
     arch = get_arch(ckpt.config)
-    _check_shapes(ckpt, arch, opts.group_size)
+    _check_shapes(ckpt, arch, opts.bits, opts.group_size)
     n_layers = num_layers(ckpt.config)
     dtype = _model_dtype(ckpt, arch)
     device = torch.device(opts.device)
@@ -845,7 +851,8 @@ def _process_layer(skel, arch, ckpt, i, xs, kw, opts, importance, work: WorkDir,
     apply_scales(sd, arch, ckpt.config, plan.scales)
     results = quantize_layer(sd, arch, plan, opts, cap)
     packed = _pack_layer(sd, arch, results, plan, dtype)
-    del sd, cap.group_inputs, cap.group_refs, cap.clip_inputs
+    del sd
+    cap.group_inputs, cap.group_refs, cap.clip_inputs = {}, {}, {}  # free before the check forward
     plain, quant, _, _ = _unpack_layer(packed, arch, opts.bits, opts.group_size)
     layer = skel.load_layer(i, _final_weights(plain, quant, dtype))
     qout = [_call(layer, x, call) for x in xs]
