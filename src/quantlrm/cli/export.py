@@ -30,7 +30,8 @@ def register(subparsers) -> None:
         metavar="FORMAT",
         help=f"output format: {', '.join(sorted(FORMATS))}",
     )
-    p.add_argument("--out", required=True, type=Path, help="new output directory (must not exist)")
+    p.add_argument("--out", required=True, type=Path, help="new output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--model", default=None, help="the 16-bit source model, if it moved since the run")
     p.add_argument("--device", default=None, help="device for re-applying (default: the run's)")
     p.set_defaults(func=run)
@@ -58,7 +59,9 @@ def read_run(run_dir: Path) -> dict:
     return options
 
 
-def export_options(run_dir: Path, fmt: str, out: Path, model: str | None = None, device: str | None = None):
+def export_options(
+    run_dir: Path, fmt: str, out: Path, model: str | None = None, device: str | None = None, overwrite: bool = False
+):
     """Build the pipeline's QuantizeOptions that re-apply `run_dir` into format `fmt` at `out`."""
     options = read_run(run_dir)
     check_format(fmt, int(options["bits"]))  # before any work: refuse e.g. AWQ at 3 bits
@@ -73,6 +76,8 @@ def export_options(run_dir: Path, fmt: str, out: Path, model: str | None = None,
         resume=False,
         model=model or options.get("model"),
     )
+    if "overwrite" in known:  # never inherit the original run's --overwrite
+        kw["overwrite"] = overwrite
     if device:
         kw["device"] = device
     if not kw.get("model"):
@@ -81,7 +86,7 @@ def export_options(run_dir: Path, fmt: str, out: Path, model: str | None = None,
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = export_options(args.run, args.format, args.out, args.model, args.device)
+    opts = export_options(args.run, args.format, args.out, args.model, args.device, args.overwrite)
     from quantlrm.pipeline import quantize_model
 
     out = quantize_model(opts)
