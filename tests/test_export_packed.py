@@ -110,6 +110,15 @@ def test_pack_dense_matches_bit_by_bit_reading(bits):
     assert torch.equal(pack_dense(v.t(), bits, dim=0), packed.t())
 
 
+def test_pack_dense_in_row_chunks_is_the_same(monkeypatch):
+    import quantlrm.export.packing as packing
+
+    v = torch.randint(0, 8, (37, 96))
+    whole = pack_dense(v, 3)
+    monkeypatch.setattr(packing, "_CHUNK", 500)  # 5 rows per chunk
+    assert torch.equal(pack_dense(v, 3), whole)
+
+
 # ------------------------------------------------------- compressed-tensors --------
 def library_reference(model, qr, bits, dtype, out: Path, g=G):
     """What compressed-tensors' own ModelCompressor writes for the same scales/zeros/codes."""
@@ -214,6 +223,24 @@ def test_compressed_tensors_loads_in_transformers_with_fake_quant_logits(tmp_pat
         torch.testing.assert_close(got.float(), fake.float(), atol=0.05, rtol=0.05)
     for n, q in qr.items():  # the decompressed weights themselves
         assert torch.equal(loaded.get_submodule(n).weight.data, stored_dequant(q, dtype).to(dtype))
+
+
+def test_compressed_tensors_linear_left_in_16_bit_is_ignored_by_loaders(tmp_path):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = tiny()
+    qr = quantize_linears(model, 4)
+    keep = "model.layers.1.self_attn.o_proj"
+    del qr[keep]  # passed through as a plain weight
+    out = export(model, qr, "compressed-tensors", 4, tmp_path / "ct")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["ignore"] == ["lm_head", keep]
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True), attn_implementation="eager"
+    )
+    assert torch.equal(loaded.get_submodule(keep).weight, model.get_submodule(keep).weight)
+    n = "model.layers.1.self_attn.q_proj"
+    assert torch.equal(loaded.get_submodule(n).weight, qr[n].dequant(torch.float32))
 
 
 def test_stored_scale_rounding_is_the_only_difference():

@@ -34,6 +34,19 @@ def pack_dense(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     v = values.movedim(dim, -1)  # [..., n]
     if int(v.min()) < 0 or int(v.max()) >= 1 << bits:
         raise ValueError(f"values out of range for {bits}-bit packing")
+    if v.dim() == 2 and v.numel() > _CHUNK:  # bound the int32/int64 temporaries of huge weights
+        step = max(1, _CHUNK // v.shape[1])
+        out = torch.cat([_pack_last(v[i : i + step], bits) for i in range(0, v.shape[0], step)])
+    else:
+        out = _pack_last(v, bits)
+    return out.movedim(-1, dim).contiguous()
+
+
+_CHUNK = 1 << 24  # values packed at a time
+
+
+def _pack_last(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_dense along the last dim (values already checked)."""
     lead, n = v.shape[:-1], v.shape[-1]
     n_words = -(-n * bits // 32)
     n_pad = -(-n // 32) * 32  # 32 values fill exactly `bits` words
@@ -52,8 +65,7 @@ def pack_dense(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     byts = byts.reshape(*lead, n_pad * bits // 32, 4)  # [..., words, 4 bytes], LSB byte first
     if sys.byteorder == "big":
         byts = byts.flip(-1)
-    out = byts.contiguous().view(torch.int32).squeeze(-1)[..., :n_words]  # [..., n_words]
-    return out.movedim(-1, dim).contiguous()
+    return byts.contiguous().view(torch.int32).squeeze(-1)[..., :n_words]  # [..., n_words]
 
 
 def stored_dequant(q: QuantResult, scale_dtype: torch.dtype) -> torch.Tensor:
