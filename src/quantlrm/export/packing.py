@@ -71,8 +71,9 @@ def _pack_last(v: torch.Tensor, bits: int) -> torch.Tensor:
 def stored_dequant(q: QuantResult, scale_dtype: torch.dtype) -> torch.Tensor:
     """The weight [out, in] a loader rebuilds from a packed export with scales in `scale_dtype`.
 
-    Computed in fp32 (exact: a <=9-bit integer times a <=11-bit mantissa), so casting the
-    result to `scale_dtype` gives what a kernel multiplying in that dtype gives.
+    Returned in fp32. For a 16-bit `scale_dtype` the fp32 product is exact (a <=9-bit integer
+    times a <=11-bit mantissa), so casting it to `scale_dtype` gives what a kernel multiplying
+    in that dtype gives; for fp32 scales it is the fake-quant weight `q.dequant(float32)`.
     """
     return QuantResult(
         codes=q.codes,
