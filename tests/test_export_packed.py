@@ -243,6 +243,27 @@ def test_compressed_tensors_linear_left_in_16_bit_is_ignored_by_loaders(tmp_path
     assert torch.equal(loaded.get_submodule(n).weight, qr[n].dequant(torch.float32))
 
 
+def test_compressed_tensors_in_several_shards_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from quantlrm.export.compressed_tensors import CompressedTensorsWriter
+
+    model = tiny()
+    qr = quantize_linears(model, 3)
+    out = tmp_path / "ct"
+    w = CompressedTensorsWriter(out, 3, G, max_shard_bytes=40_000)
+    for name, t in model.state_dict().items():
+        mod = name.removesuffix(".weight")
+        w.add_linear(mod, qr[mod], t.dtype) if mod in qr else w.add_tensor(name, t)
+    w.close(json.loads(model.config.to_json_string()))
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=True), attn_implementation="eager"
+    )
+    for n, q in qr.items():
+        assert torch.equal(loaded.get_submodule(n).weight, q.dequant(torch.float32))
+
+
 def test_stored_scale_rounding_is_the_only_difference():
     torch.manual_seed(0)
     q = quantize(torch.randn(8, 64), 3, 32)
@@ -327,6 +348,9 @@ def test_awq_config(tmp_path):
                    "version": "gemm", "modules_to_not_convert": None}
     sd = load_file(out / "model.safetensors")
     assert "lm_head.weight" in sd and "model.embed_tokens.weight" in sd  # passed through
+    # an index even for one shard, so vLLM skips other *.safetensors (search.safetensors)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(sd) and set(index["weight_map"].values()) == {"model.safetensors"}
     assert "model.layers.0.self_attn.q_proj.weight" not in sd
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quantlrm.checkpoint import ShardedWriter
+from quantlrm.checkpoint import INDEX_NAME, ShardedWriter
 from quantlrm.errors import QuantLRMError
 from quantlrm.quantizer import QuantResult
 
@@ -121,11 +121,13 @@ class PackedWriter:
         self.quantized: list[str] = []  # module names, in arrival order
         self._plain_2d: list[str] = []  # 2-D `.weight` tensors kept as they are
         self._resolved_group: int | None = None
+        self._names: list[str] = []
         self.summary: str = ""
 
     # -- Writer protocol -------------------------------------------------------------
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.shards.add(name, tensor)
+        self._names.append(name)
         self.bytes_16bit += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
         if tensor.dim() == 2 and name.endswith(".weight"):
             self._plain_2d.append(name[: -len(".weight")])
@@ -149,11 +151,20 @@ class PackedWriter:
             )
         for key, t in self.pack(name, q, dtype).items():
             self.shards.add(f"{name}.{key}", t)
+            self._names.append(f"{name}.{key}")
         self.bytes_16bit += q.codes.numel() * 2
         self.quantized.append(name)
 
     def close(self, config: dict) -> None:
         self.shards.close()
+        index = self.out_dir / INDEX_NAME
+        if not index.exists():
+            # Always ship an index: vLLM loads every *.safetensors in the directory unless an
+            # index names the shards, and a run directory also holds search.safetensors.
+            weight_map = {n: "model.safetensors" for n in sorted(self._names)}
+            index.write_text(
+                json.dumps({"metadata": {"total_size": self.shards.total_bytes}, "weight_map": weight_map}, indent=2)
+            )
         cfg = {k: v for k, v in config.items() if k != "quantization_config"}
         cfg["quantization_config"] = self.quantization_config()
         (self.out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
