@@ -240,13 +240,17 @@ class ShardedWriter:
         self._pending_bytes = 0
 
     def close(self) -> None:
-        """Flush and rename shards to the model-0000i-of-0000n names transformers expects."""
+        """Flush, rename shards to the names transformers expects, and always write the index.
+
+        The index matters even for one shard: vLLM loads every `*.safetensors` in a folder
+        that has no index, and a run folder also holds `search.safetensors`.
+        """
         self._flush()
         n = self._n
         if n == 1:
-            os.replace(self.out_dir / "part-00001.safetensors", self.out_dir / "model.safetensors")
-            return
-        rename = {f"part-{i:05d}.safetensors": f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+            rename = {"part-00001.safetensors": "model.safetensors"}
+        else:
+            rename = {f"part-{i:05d}.safetensors": f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
         for old, new in rename.items():
             os.replace(self.out_dir / old, self.out_dir / new)
         index = {

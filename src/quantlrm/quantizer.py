@@ -24,10 +24,13 @@ class QuantResult:
     group_size: int  # resolved: in_features when per-channel was asked for
 
     def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize as a loader of a packed export does: a 16-bit checkpoint stores its
+        scales in that dtype, so the fake-quant weights use the same rounded scales."""
         out, inp = self.codes.shape
         g = self.group_size
+        scale = self.scale if dtype == torch.float32 else self.scale.to(dtype).to(torch.float32)
         q = self.codes.to(torch.float32).view(out, inp // g, g)  # [out, in/g, g]
-        w = (q - self.zero.to(torch.float32).unsqueeze(-1)) * self.scale.unsqueeze(-1)
+        w = (q - self.zero.to(torch.float32).unsqueeze(-1)) * scale.unsqueeze(-1)
         return w.view(out, inp).to(dtype)
 
 
