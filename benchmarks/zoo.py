@@ -180,7 +180,7 @@ class ModelRun:
         self.res["data"] = {"train_problems": len(train), "test_problems": len(self.tests), "level": a.level,
                             "pretrain_tokens_available": blocks.numel(), "seconds": round(time.time() - t0, 1)}
         T = a.train_seconds
-        st_pt = zt.Stage(steps=a.pt_steps, seconds=0.5 * T, lr=1e-3, batch_size=a.pt_batch, warmup=100,
+        st_pt = zt.Stage(steps=a.pt_steps, seconds=0.6 * T, lr=1.5e-3, batch_size=a.pt_batch, warmup=100,
                          weight_decay=0.1)
         lg = zt.pretrain(model, tok, blocks, st_pt, self.device, seed)
         self.res["stages"].append(lg.as_dict())
@@ -190,7 +190,7 @@ class ModelRun:
         del model
 
         model = zt.load_fp32(self.dirs["pt"], self.device)
-        st_sft = zt.Stage(steps=a.sft_steps, seconds=0.33 * T, lr=5e-4, batch_size=a.batch, warmup=50,
+        st_sft = zt.Stage(steps=a.sft_steps, seconds=0.25 * T, lr=5e-4, batch_size=a.batch, warmup=50,
                           weight_decay=0.01)
         lg = zt.sft(model, tok, train, st_sft, self.device, seed + 1)
         self.res["stages"].append(lg.as_dict())
@@ -207,7 +207,7 @@ class ModelRun:
                                             batch_size=min(len(dpo_probs), 1024))
         info["sampling_s"] = round(time.time() - t0, 1)
         policy = zt.load_fp32(self.dirs["sft"], self.device)
-        st_dpo = zt.Stage(steps=a.dpo_steps, seconds=0.17 * T, lr=a.dpo_lr, batch_size=max(a.batch // 2, 4),
+        st_dpo = zt.Stage(steps=a.dpo_steps, seconds=0.15 * T, lr=a.dpo_lr, batch_size=max(a.batch // 2, 4),
                           warmup=10, min_lr_ratio=0.1, beta=0.1, nll_weight=0.2)
         lg = zt.dpo(policy, ref, tok, dpo_probs, rejected, st_dpo, self.device, seed + 4)
         lg.extra.update(info)
@@ -577,9 +577,9 @@ def parse_args(argv=None):
     ap.add_argument("--deadline", type=float, default=None, help="(internal) absolute end time")
     ap.add_argument("--serial", action="store_true", help="models one after the other, not in parallel")
     ap.add_argument("--train-seconds", type=float, default=150)
-    ap.add_argument("--pt-steps", type=int, default=4000)
-    ap.add_argument("--sft-steps", type=int, default=3000)
-    ap.add_argument("--dpo-steps", type=int, default=300)
+    ap.add_argument("--pt-steps", type=int, default=20000)
+    ap.add_argument("--sft-steps", type=int, default=10000)
+    ap.add_argument("--dpo-steps", type=int, default=1000)
     ap.add_argument("--dpo-lr", type=float, default=1e-5)
     ap.add_argument("--batch", type=int, default=64, help="SFT batch (DPO: half as many pairs)")
     ap.add_argument("--pt-batch", type=int, default=128, help="pre-training batch (packed blocks)")

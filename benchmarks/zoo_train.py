@@ -71,32 +71,28 @@ def _sync(device: str) -> None:
 
 
 class _Schedule:
-    """Warm-up, then cosine to lr*min_lr_ratio over a step count fixed once the rate is known."""
+    """Warm-up, then cosine to lr*min_lr_ratio over the stage's time budget (or its step cap,
+    whichever runs out first): progress is max(step/steps, elapsed/seconds), so a slower GPU
+    (or one shared with another zoo process) still ends the schedule, not just cuts it."""
 
     def __init__(self, st: Stage, device: str):
         self.st, self.device = st, device
-        self.total = st.steps
         self.t0 = time.perf_counter()
-        self.fixed = False
+
+    def progress(self, step: int) -> float:
+        return max(step / max(self.st.steps, 1), (time.perf_counter() - self.t0) / self.st.seconds)
 
     def lr(self, step: int) -> float:
         st = self.st
         if step < st.warmup:
             return st.lr * (step + 1) / st.warmup
-        frac = min((step - st.warmup) / max(self.total - st.warmup, 1), 1.0)
+        frac = min(self.progress(step), 1.0)
         lo = st.lr * st.min_lr_ratio
         return lo + (st.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def done(self, step: int) -> bool:
-        """Called after `step` finished; fixes the total from the measured rate at step 20."""
-        if step + 1 >= self.total:
-            return True
-        if not self.fixed and step + 1 == min(20, self.total):
-            _sync(self.device)
-            rate = (step + 1) / (time.perf_counter() - self.t0)
-            self.total = max(step + 2, min(self.st.steps, int(rate * self.st.seconds * 0.95)))
-            self.fixed = True
-        return time.perf_counter() - self.t0 > self.st.seconds * 1.1  # hard stop
+        """Called after `step` finished."""
+        return step + 1 >= self.st.steps or time.perf_counter() - self.t0 >= self.st.seconds
 
 
 def _optimizer(model, st: Stage, device: str):
