@@ -104,6 +104,8 @@ def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, i
     from quantlrm.pipeline import QuantizeOptions, quantize_model
 
     extra = {"importance": random_importance(model_dir)} if method == "quantlrm" else {}
+    if method == "awq-duo":  # llm-compressor's default AWQ variant
+        method, extra = "awq", {"duo_scaling": True}
     opts = QuantizeOptions(model=str(model_dir), out=str(out), method=method, bits=args.bits,
                            group_size=args.group_size, calib="builtin", calib_samples=args.samples,
                            calib_seqlen=args.seqlen, device=args.device, progress=False, overwrite=True, **extra)
@@ -119,7 +121,7 @@ def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, i
     shutil.rmtree(out, ignore_errors=True)
     groups = [g for r in rep["layers"] for g in r["groups"].values()]
     return {
-        "method": f"quantlrm {method}",
+        "method": f"quantlrm {method}" + (" duo" if extra.get("duo_scaling") else ""),
         "wall_s": round(wall, 1),
         "layers_s": rep["seconds"]["layers"],
         "per_layer_s": round(rep["seconds"]["layers"] / args.layers, 2),
@@ -179,7 +181,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--methods", default="llmc,awq,quantlrm,rtn")
+    ap.add_argument("--methods", default="llmc,awq-duo,awq,quantlrm,rtn")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", default="/tmp/quantize-bench")
     ap.add_argument("--json", default=None, help="write results here (after every method)")

@@ -313,7 +313,7 @@ def test_signals_dir_and_on_the_fly_base(tiny, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_group_importance_mean_and_act_factor(tiny, tmp_path):
+def test_group_importance_act_factor_and_duo_scaling(tiny, tmp_path):
     src = tiny("llama")
     imp = {k: v.round() for k, v in importance_for(src).items()}  # integers: the mean of equal ones is exact
     for i in range(2):  # make k/v equal q and up equal gate: "mean" must then equal "authors"
@@ -323,6 +323,11 @@ def test_group_importance_mean_and_act_factor(tiny, tmp_path):
     a = run(src, tmp_path / "a", method="quantlrm", importance=imp)
     b = run(src, tmp_path / "b", method="quantlrm", importance=imp, group_importance="mean")
     assert all(torch.equal(weights(a)[k], weights(b)[k]) for k in weights(a))
+    d = run(src, tmp_path / "d", method="awq", duo_scaling=True)
+    rtn = run(src, tmp_path / "rtn", method="rtn")
+    assert sum(r["layer_mse"] for r in report(d)["layers"]) <= sum(r["layer_mse"] for r in report(rtn)["layers"])
+    with pytest.raises(QuantLRMError, match="AWQ variant"):
+        run(src, tmp_path / "e", method="quantlrm", importance=imp, duo_scaling=True)
     c = run(src, tmp_path / "c", method="quantlrm", importance=imp, act_factor=True)
     assert report(c)["options"]["act_factor"] is True
     assert [r["groups"] for r in report(c)["layers"]] != [r["groups"] for r in report(a)["layers"]]

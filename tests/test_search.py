@@ -133,3 +133,19 @@ def test_mean_abs_chunks():
     xs = [torch.randn(2, 5, 4), torch.randn(3, 5, 4)]
     ref = torch.cat([x.reshape(-1, 4) for x in xs]).abs().mean(0)
     torch.testing.assert_close(S.mean_abs_chunks(xs), ref)
+
+
+def test_duo_scaling_statistic_and_candidates():
+    torch.manual_seed(3)
+    ws = [torch.randn(6, 32), torch.randn(4, 32)]
+    rows = []
+    for w in ws:  # straightforward: each row's groups of 16 normalised by their max |w|
+        for r in w:
+            rows.append(torch.cat([g.abs() / (g.abs().max() + 1e-6) for g in r.split(16)]))
+    ref = torch.stack(rows).mean(0)
+    wm = S.weight_mean(ws, 16)
+    torch.testing.assert_close(wm, ref)
+    x = torch.rand(32) + 0.1
+    s = S.candidate_scales(x, 0.3, normalise=True, w_mean=wm)
+    raw = (x.pow(0.3) / (wm.pow(0.7) + 1e-4)).clamp(min=1e-4)
+    torch.testing.assert_close(s, raw / (raw.max() * raw.min()).sqrt())

@@ -79,6 +79,7 @@ class QuantizeOptions:
     act_factor: bool = False  # s = (I * mean|x|)^alpha, the paper's 70B adaptation
     variant: str = "both-ends"  # signal variant when computing on the fly from `base`
     clip: bool | None = None  # None: off for rtn, on for awq/quantlrm
+    duo_scaling: bool = False  # awq only: s = mean|x|^a / wmean^(1-a) (AutoAWQ, llm-compressor)
     n_grid: int = 20
     propagate: str = "fp"  # next layer's inputs from the "fp" or the "quant" layer
     batch_tokens: int = 16384  # calibration tokens per forward chunk
@@ -116,6 +117,8 @@ def _validate(opts: QuantizeOptions) -> None:
             "--method quantlrm needs fine-tuning signals.",
             "pass --signals DIR (from `quantlrm signals`) or --base BASE_MODEL to compute them.",
         )
+    if opts.duo_scaling and opts.method != "awq":
+        raise QuantLRMError("duo scaling is an AWQ variant.", "use it with --method awq only.")
     if opts.method != "quantlrm" and has_signals:
         raise QuantLRMError(
             f"--signals/--base are only used by --method quantlrm, not {opts.method}.",
@@ -491,9 +494,11 @@ def search_layer(
             stat = stat.to(weights[0].device)
             if opts.act_factor:
                 stat = stat * act
+        w_mean = S.weight_mean(weights, opts.group_size) if opts.duo_scaling else None
         expand = None
         if heads is not None:
             stat = S.tie_heads(stat, *heads)
+            w_mean = S.tie_heads(w_mean, *heads) if w_mean is not None else None
             expand = lambda s, h=heads: S.expand_heads(s, *h)  # noqa: E731
         res = S.search_scales(
             weights,
@@ -504,6 +509,7 @@ def search_layer(
             normalise=opts.method == "awq",
             n_grid=opts.n_grid,
             expand=expand,
+            w_mean=w_mean,
         )
         plan.scales[g.name] = res.scales
         plan.record["groups"][g.name] = {

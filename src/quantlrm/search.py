@@ -64,9 +64,28 @@ def grid_alphas(n_grid: int = 20) -> list[float]:
     return [i / n_grid for i in range(n_grid)]
 
 
-def candidate_scales(stat: torch.Tensor, alpha: float, normalise: bool) -> torch.Tensor:
-    """s = stat^alpha, clamped at 1e-4; AWQ additionally divides by sqrt(max(s) * min(s))."""
-    s = stat.float().pow(alpha).clamp(min=MIN_SCALE)
+def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per-input-channel mean of |W| / max|W| of its quantization group, over all rows of all
+    `weights` (AutoAWQ's and llm-compressor's "duo scaling" statistic). fp32 [in]."""
+    parts = []
+    for w in weights:
+        g = w.shape[1] if group_size == -1 else group_size
+        wa = w.float().abs().reshape(w.shape[0], -1, g)  # [out, in/g, g]
+        parts.append((wa / (wa.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1))
+    return torch.cat(parts).mean(0)
+
+
+def candidate_scales(
+    stat: torch.Tensor, alpha: float, normalise: bool, w_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """s = stat^alpha, clamped at 1e-4; AWQ additionally divides by sqrt(max(s) * min(s)).
+
+    With `w_mean` (duo scaling): s = stat^alpha / (w_mean^(1-alpha) + 1e-4).
+    """
+    s = stat.float().pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.float().pow(1 - alpha) + MIN_SCALE)
+    s = s.clamp(min=MIN_SCALE)
     if normalise:
         s = s / (s.max() * s.min()).sqrt()
     return s
@@ -87,17 +106,19 @@ def search_scales(
     normalise: bool,
     n_grid: int = 20,
     expand: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    w_mean: torch.Tensor | None = None,
 ) -> ScaleSearch:
     """Grid-search alpha for linears sharing one input.
 
     `stat` [in] is mean|x| (AWQ) or the importance (QuantLRM); `expand` maps scales of a
-    tied statistic onto the weights' input width (GQA v->o). Ties keep the smaller alpha,
+    tied statistic onto the weights' input width (GQA v->o); `w_mean` switches on duo
+    scaling (see `candidate_scales`). Ties keep the smaller alpha,
     so an all-ones statistic returns s = 1 exactly (plain RTN).
     """
     best: ScaleSearch | None = None
     losses: list[float] = []
     for alpha in grid_alphas(n_grid):
-        s = candidate_scales(stat, alpha, normalise)
+        s = candidate_scales(stat, alpha, normalise, w_mean)
         s_full = expand(s) if expand is not None else s
         loss = loss_fn([scaled_fake_quant(w, s_full, bits, group_size) for w in weights])
         losses.append(loss)

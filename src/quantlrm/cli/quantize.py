@@ -41,6 +41,11 @@ def register(sub) -> None:
         default="authors",
         help="one importance per group of linears sharing an input: q's / gate's (authors) or the mean",
     )
+    p.add_argument(
+        "--duo-scaling",
+        action="store_true",
+        help="awq only: s = mean|x|^a / mean(|W|/max|W|)^(1-a), the AutoAWQ / llm-compressor variant",
+    )
     p.add_argument("--act-factor", action="store_true", help="scale by (importance * mean|x|)^alpha")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip", dest="clip", action="store_true", default=None, help="force weight clipping on")
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         apply=args.apply,
         group_importance=args.group_importance,
         act_factor=args.act_factor,
+        duo_scaling=args.duo_scaling,
         variant=args.variant,
         clip=args.clip,
         propagate=args.propagate,
