@@ -443,3 +443,14 @@ def test_checkpoint_read_equals_get(llama):
     for k in ck.keys():
         t = ck.read(k)
         assert t.dtype == ck.get(k).dtype and torch.equal(t, ck.get(k))
+
+
+def test_device_errors():
+    pairs = [("m", torch.zeros(2, 2), torch.ones(2, 2))]
+    with pytest.raises(QuantLRMError, match="device"):
+        compute_signals_from_pairs(lambda: iter(pairs), device="tpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantLRMError, match="no usable CUDA"):
+            compute_signals_from_pairs(lambda: iter(pairs), device="cuda", progress=False)
+    with pytest.raises(QuantLRMError, match="equal 2-D shapes"):
+        compute_signals_from_pairs(lambda: iter([("m", torch.zeros(2, 2), torch.ones(2, 3))]), progress=False)
