@@ -453,4 +453,6 @@ def test_device_errors():
         with pytest.raises(QuantLRMError, match="no usable CUDA"):
             compute_signals_from_pairs(lambda: iter(pairs), device="cuda", progress=False)
     with pytest.raises(QuantLRMError, match="equal 2-D shapes"):
-        compute_signals_from_pairs(lambda: iter([("m", torch.zeros(2, 2), torch.ones(2, 3))]), progress=False)
+        compute_signals_from_pairs(
+            lambda: iter([("m", torch.zeros(2, 2), torch.ones(2, 3))]), progress=False
+        )

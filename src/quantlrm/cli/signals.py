@@ -22,7 +22,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--base", required=True, help="checkpoint directory the model was fine-tuned from"
     )
-    p.add_argument("--finetuned", required=True, help="fine-tuned checkpoint directory")
+    p.add_argument(
+        "--finetuned",
+        "--model",
+        dest="finetuned",
+        required=True,
+        help="fine-tuned checkpoint directory (--model is an alias, as in `quantlrm quantize`)",
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
         "--variant",
