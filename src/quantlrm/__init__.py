@@ -1,3 +1,12 @@
 """QuantLRM: weight quantization of large reasoning models via fine-tuning signals."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `quantlrm.load_quantized` without importing torch/triton at package import.
+    if name == "load_quantized":
+        from quantlrm.nn import load_quantized
+
+        return load_quantized
+    raise AttributeError(f"module 'quantlrm' has no attribute {name!r}")
