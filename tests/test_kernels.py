@@ -18,7 +18,12 @@ from quantlrm.kernels import candidates, qmatmul, run_config
 from quantlrm.kernels import layout as L
 from quantlrm.quantizer import quantize
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels); run on the GPU machine")
+_no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels); run on the GPU machine")
+
+
+def cuda(fn):
+    """GPU-only test: marked `gpu` and skipped with a reason where no CUDA device is visible."""
+    return pytest.mark.gpu(_no_gpu(fn))
 
 
 def _ref(x: torch.Tensor, q, dtype) -> torch.Tensor:
