@@ -34,9 +34,6 @@ def main() -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     info = train_pair(PairRecipe(), tmp)
-    for stage in ("base", "sft"):  # the demo needs the weights, not the optimizer's history
-        for extra in (tmp / stage).glob("training_args*"):
-            extra.unlink()
     if args.out.exists():
         shutil.rmtree(args.out)
     os.replace(tmp, args.out)

@@ -183,7 +183,8 @@ def test_demo_fast_end_to_end(tmp_path):
     res = json.loads((out / "results.json").read_text())
     full = next(row for row in res["rows"] if row["key"] == "16-bit")
     for t in res["tasks"]:  # clearly competent: far above guessing on every task
-        assert full["acc"][t["name"]] >= t["chance"] + 0.4, (t, full)
+        assert full["acc"][t["name"]] >= t["chance"] + 0.15, (t, full)
+    assert full["avg"] >= 0.5
     assert 0 < res["zero"]["zero_fraction"] < 1
     assert "QuantLRM" in (out / "table.md").read_text()
     assert "16-bit" in r.stdout and "zero fraction" in r.stdout

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where retrained pairs are cached (default: $QUANTLRM_CACHE/demo or ~/.cache/quantlrm/demo)")
     p.add_argument("--n-test", type=int, default=None,
-                   help="held-out problems per task (default 200; 48 with --fast)")
+                   help="held-out problems per task (default 200; 96 with --fast)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

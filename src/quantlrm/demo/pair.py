@@ -47,11 +47,11 @@ class PairRecipe:
     level: int = 1
     seed: int = 0
     base: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=700, batch_size=48, lr=3e-3, warmup=40,
+        default_factory=lambda: TrainConfig(steps=1400, batch_size=48, lr=3e-3, warmup=50,
                                             completion_only=False, seed=0)
     )
     sft: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=300, batch_size=48, lr=1e-3, warmup=20,
+        default_factory=lambda: TrainConfig(steps=500, batch_size=48, lr=1e-3, warmup=20,
                                             completion_only=True, seed=1)
     )
 

@@ -37,7 +37,7 @@ class DemoOptions:
     fast: bool = False  # fewer test problems and calibration tokens (the test suite's mode)
     retrain: bool = False  # train the pair again instead of using committed/cached weights
     cache_dir: Path | None = None  # default: $QUANTLRM_CACHE or ~/.cache/quantlrm/demo
-    n_test: int | None = None  # held-out problems per task (default 200, fast 48)
+    n_test: int | None = None  # held-out problems per task (default 200, fast 96)
     bits: tuple[int, ...] = (3, 4)
     methods: tuple[str, ...] = METHODS
     group_size: int = 64  # divides the tiny model's widths (128, 256)
@@ -130,7 +130,7 @@ def run_demo(opts: DemoOptions) -> dict:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / ".quantlrm-demo").touch()
-    n_test = opts.n_test or (48 if opts.fast else 200)
+    n_test = opts.n_test or (96 if opts.fast else 200)
     calib_samples = opts.calib_samples or (8 if opts.fast else 32)
     log = print
     times: dict[str, float] = {}

@@ -73,8 +73,10 @@ def is_test_prompt(prompt: str) -> bool:
 
 
 def _arith(rng: random.Random, level: int) -> Problem:
-    n_ops = rng.randint(2, 2 + level)
-    hi = 49 if level <= 1 else 99
+    # level 1 (the CPU demo): two operations on numbers below 30; level 2+: longer chains
+    # of two-digit numbers.
+    n_ops = 2 if level <= 1 else rng.randint(2, 2 + level)
+    hi = 29 if level <= 1 else 99
     acc = rng.randint(2, hi)
     expr = str(acc)
     steps = []
@@ -116,7 +118,13 @@ def _temporal(rng: random.Random, level: int) -> Problem:
     opts = " ".join(f"({_LETTERS[i]}) {a}-{b}" for i, (a, b) in enumerate(options))
     prompt = f"{name} was awake {bounds[0]}-{bounds[-1]}. {facts} When was {name} free?\n{opts}"
     busy_sorted = ", ".join(f"{a}-{b}" for (a, b), _ in sorted(busy))
-    cot = f"Busy {busy_sorted}. Free {slots[free][0]}-{slots[free][1]}.\n{END_THINK}Answer: ({letter})"
+    # Walk the options up to the free slot: the letter is then the one just written, so the
+    # model copies forward instead of searching backwards for the matching option.
+    walk = []
+    for i, (a, b) in enumerate(options[: options.index(slots[free]) + 1]):
+        walk.append(f"({_LETTERS[i]}) {a}-{b} {'yes' if (a, b) == slots[free] else 'no'}.")
+    cot = (f"Busy {busy_sorted}. Free {slots[free][0]}-{slots[free][1]}. {' '.join(walk)}"
+           f"\n{END_THINK}Answer: ({letter})")
     return Problem("temporal", prompt, cot, letter)
 
 
