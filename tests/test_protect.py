@@ -45,7 +45,9 @@ def reference_protect(w, keep, bits, g):
             s = max((x.max() - x.min()).item(), 1e-5) / max_int
             z = min(max(-round(x.min().item() / s), 0), max_int)
             q = torch.clamp(torch.round(x / s) + z, 0, max_int)
-            out[r, cols] = (q - z) * s
+            # a 16-bit checkpoint stores its scales in that dtype (as packed exports do)
+            s_stored = torch.tensor(s).to(w.dtype).item()
+            out[r, cols] = (q - z) * s_stored
     return out.to(w.dtype)
 
 
