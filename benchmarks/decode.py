@@ -245,6 +245,8 @@ def main() -> None:
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--no-hf-generate", action="store_true")
     ap.add_argument("--out", default="decode.json")
+    ap.add_argument("--gemv-only", action="store_true",
+                    help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -283,7 +285,7 @@ def main() -> None:
     for bits in (4, 3):
         for short in ("q_proj", "down_proj"):
             qm = quant[bits][f"model.layers.0.mlp.{short}" if short == "down_proj" else f"model.layers.0.self_attn.{short}"]
-            for m in (1, 7, 64):
+            for m in (1,) if args.gemv_only else (1, 7, 64):
                 x = torch.randn(m, qm.in_features, device="cuda", dtype=torch.float16)
                 ref = x.float() @ qm.dequantized_weight(torch.float16).float().t()
                 err = float((qm(x).float() - ref).norm() / ref.norm())
@@ -304,6 +306,8 @@ def main() -> None:
         for r in res["gemv"]:
             print(f"gemv {r['linear']:9s} {r['precision']:4s} {r['out']}x{r['inp']}: {r['us']:7.1f} us "
                   f"{r['gbps']:6.0f} GB/s ({r['frac_copy_bw']:.0%} of copy bw)", flush=True)
+        if args.gemv_only:
+            return
         gate = [m for _, m in sets["W4"]["gate_proj"]]
         res["prefill"] = (prefill_bench(gate, [m for _, m in sets["fp16"]["gate_proj"]])
                           + prefill_bench([m for _, m in sets["W3"]["gate_proj"]],
