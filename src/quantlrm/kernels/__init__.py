@@ -9,7 +9,6 @@ CUDA graph is being captured never time anything: warm up before capturing.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -75,50 +74,27 @@ def _gemv_ok(kw: KernelWeight) -> bool:
     return kw.group_size % _unit(kw.bits) == 0 or kw.group_size == kw.in_features
 
 
-def _tile_k(kw: KernelWeight, block_k: int) -> int | None:
-    """A K tile that stays inside one group and covers whole words, or None (generic path)."""
-    if kw.group_size == kw.in_features:
-        return block_k
-    bk = math.gcd(block_k, kw.group_size)
-    return bk if bk >= 32 else None
-
-
-_SMS = 132  # H100/H200; only used to size split-K
-
-
-def _auto_split(n: int, k: int, block_n: int, block_k: int) -> int:
-    """Split K until about two waves of programs run, keeping >= 2 tiles per split."""
-    blocks = -(-n // block_n)
-    max_split = max(1, k // (2 * block_k))
-    return max(1, min(max_split, -(-2 * _SMS // blocks)))
-
-
 def candidates(kw: KernelWeight, m: int) -> list[Config]:
     """The configurations tried for `m` activation rows."""
-    n, k = kw.out_features, kw.in_features
-    out: list[Config] = []
-    # Few candidates on purpose: each one is a Triton compile (seconds) on first use.
-    if m == 1 and _gemv_ok(kw):
-        if kw.bits == 3:
-            tiles = ((128, 512, 4), (128, 1024, 4))
-        else:
-            tiles = ((128, 256, 4), (64, 512, 4))
-        for bn, bk, w in tiles:
-            out.append(Config("gemv", block_n=bn, block_k=bk, num_warps=w,
-                              split_k=_auto_split(n, k, bn, bk)))
-        bn, bk, w = tiles[0]
-        out.append(Config("gemv", block_n=bn, block_k=bk, num_warps=w, split_k=1))
-        return out
+    if m == 1:
+        out = [Config("gemv", block_n=bn, block_k=bk, split_k=sk, num_warps=w)
+               for bn, bk, sk, w in ((16, 512, 1, 4), (32, 512, 1, 4), (8, 1024, 1, 4),
+                                     (16, 1024, 1, 8), (32, 256, 2, 4), (16, 512, 4, 4))]
+        out = out if _gemv_ok(kw) else []
+        return out + [Config("gemm", block_m=16, block_n=64, block_k=128, split_k=2)]
     if m <= 16:
-        tiles = ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3))
+        tiles = ((16, 64, 128, 1, 4, 3), (16, 32, 128, 4, 4, 3), (16, 128, 64, 2, 4, 3))
     elif m <= 64:
-        tiles = ((32, 64, 128, 4, 3), (64, 128, 64, 4, 3))
+        tiles = ((32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (32, 128, 64, 2, 4, 3))
     else:
-        tiles = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3))
-    for bm, bn, bk, w, st in tiles:
-        sk = _auto_split(-(-m // bm) * n, k, bn, bk) if m <= 64 else 1
-        out.append(Config("gemm", bm, bn, bk, sk, w, st))
-    return out + [Config("dequant", block_n=32, block_k=128)]
+        tiles = ((64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4))
+    out = [Config("gemm", bm, bn, bk, sk, w, st) for bm, bn, bk, sk, w, st in tiles]
+    return out + [Config("dequant", block_n=64, block_k=128)]
+
+
+def _strides(kw: KernelWeight) -> tuple[int, int, int]:
+    p1 = kw.planes[1] if len(kw.planes) > 1 else kw.planes[0]
+    return kw.planes[0].stride(0), p1.stride(0), kw.scale.stride(0)
 
 
 def _plane_args(kw: KernelWeight) -> tuple:
@@ -129,24 +105,17 @@ def _plane_args(kw: KernelWeight) -> tuple:
     return p0, p1, bits0, bits1
 
 
-def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 64, block_k: int = 128) -> torch.Tensor:
     """Dense [out, in] weight written by the Triton decoder."""
     from quantlrm.kernels import triton_kernels as tk
 
     n, k = kw.out_features, kw.in_features
     w = torch.empty(n, k, dtype=dtype, device=kw.scale.device)
     p0, p1, b0, b1 = _plane_args(kw)
-    bk = _tile_k(kw, block_k)
-    if bk is None:
-        grid = (tk.cdiv(n, block_n), tk.cdiv(k, block_k))
-        tk._dequant_kernel[grid](p0, p1, kw.scale, kw.zero, w, n, k, p0.stride(0), p1.stride(0),
-                                 kw.scale.stride(0), kw.group_size, BITS0=b0, BITS1=b1,
-                                 BLOCK_N=block_n, BLOCK_K=block_k)
-        return w
-    grid = (tk.cdiv(n, block_n), tk.cdiv(k, bk))
-    tk._dequant_block_kernel[grid](p0, p1, kw.scale, kw.zero, w, n, k, p0.shape[1], p1.shape[1],
-                                   p0.stride(0), p1.stride(0), kw.scale.stride(0), kw.group_size,
-                                   BITS0=b0, BITS1=b1, BLOCK_N=block_n, BLOCK_K=bk)
+    sp0, sp1, ss = _strides(kw)
+    grid = (tk.cdiv(n, block_n), tk.cdiv(k, block_k))
+    tk._dequant_kernel[grid](p0, p1, kw.scale, kw.zero, w, n, k, sp0, sp1, ss, kw.group_size,
+                             BITS0=b0, BITS1=b1, BLOCK_N=block_n, BLOCK_K=block_k)
     return w
 
 
@@ -157,7 +126,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     m, k = x2.shape
     n = kw.out_features
     p0, p1, b0, b1 = _plane_args(kw)
-    sp0, sp1, ss = p0.stride(0), p1.stride(0), kw.scale.stride(0)
+    sp0, sp1, ss = _strides(kw)
     if cfg.kind == "dequant":
         return x2 @ dequant_triton(kw, x2.dtype, cfg.block_n, cfg.block_k).t()
     split = cfg.split_k
@@ -166,25 +135,19 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     if cfg.kind == "gemv":
         unit = _unit(kw.bits)
         n_units = tk.cdiv(k, unit)
-        block_u = max(1, cfg.block_k // unit)
+        block_u = cfg.block_k // unit
         per = tk.cdiv(tk.cdiv(n_units, split), block_u) * block_u
         grid = (tk.cdiv(n, cfg.block_n), tk.cdiv(n_units, per))
         tk._gemv_kernel[grid](x2, p0, p1, kw.scale, kw.zero, y, n, k, n_units, per, sp0, sp1, ss,
                               kw.group_size, BITS0=b0, BITS1=b1, BLOCK_N=cfg.block_n, BLOCK_U=block_u,
                               SPLIT_K=grid[1], num_warps=cfg.num_warps)
     else:
-        bk = _tile_k(kw, cfg.block_k)
-        per = tk.cdiv(tk.cdiv(k, split), bk or cfg.block_k) * (bk or cfg.block_k)
+        per = tk.cdiv(tk.cdiv(k, split), cfg.block_k) * cfg.block_k
         grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), tk.cdiv(k, per))
-        common = dict(BITS0=b0, BITS1=b1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=grid[2],
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if bk is None:
-            tk._gemm_kernel[grid](x2, p0, p1, kw.scale, kw.zero, y, m, n, k, per, x2.stride(0), y.stride(0),
-                                  sp0, sp1, ss, kw.group_size, BLOCK_K=cfg.block_k, **common)
-        else:
-            tk._gemm_block_kernel[grid](x2, p0, p1, kw.scale, kw.zero, y, m, n, k, per, p0.shape[1],
-                                        p1.shape[1], x2.stride(0), y.stride(0), sp0, sp1, ss,
-                                        kw.group_size, BLOCK_K=bk, **common)
+        tk._gemm_kernel[grid](x2, p0, p1, kw.scale, kw.zero, y, m, n, k, per, x2.stride(0), y.stride(0),
+                              sp0, sp1, ss, kw.group_size, BITS0=b0, BITS1=b1, BLOCK_M=cfg.block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=grid[2],
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x2.dtype) if y.dtype != x2.dtype else y
 
 
@@ -198,35 +161,18 @@ def _bucket(m: int) -> int:
 _TUNED: dict[tuple, Config] = {}
 
 
-def _time(fn, reps: int = 5) -> float:
-    """Median ms of a CUDA-graph replay of `fn`: launch overhead stays out, as in a decode graph.
-
-    A configuration that fails to compile here (e.g. out of shared memory) is skipped (inf)."""
-    try:
-        fn()
-        torch.cuda.synchronize()
-    except Exception:  # noqa: BLE001 -- triton's OutOfResources and friends; never inside a capture
-        return float("inf")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+def _time(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
     times = []
     for _ in range(reps):
         start.record()
-        g.replay()
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
-
-
-def _copies(kw: KernelWeight) -> list[KernelWeight]:
-    """Enough copies of the weight to overflow L2, so tuning sees DRAM, not cache, speed."""
-    n = max(1, min(16, -(-(128 << 20) // max(1, kw.nbytes()))))
-    return [kw] + [KernelWeight([p.clone() for p in kw.planes], kw.scale.clone(), kw.zero.clone(), kw.bits,
-                                kw.group_size, kw.in_features, kw.out_features) for _ in range(n - 1)]
 
 
 def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
@@ -239,8 +185,7 @@ def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
     cands = candidates(kw, m)
     if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
         return cands[0]  # no timing possible now: the first candidate is always valid
-    kws = _copies(kw)
-    best = min(cands, key=lambda c: _time(lambda: [run_config(x2, w, c) for w in kws]))
+    best = min(cands, key=lambda c: _time(lambda: run_config(x2, kw, c)))
     _TUNED[key] = best
     return best
 
