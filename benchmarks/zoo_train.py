@@ -146,21 +146,18 @@ def pack_blocks(tokenizer, docs: list[str], seqlen: int, seed: int) -> torch.Ten
 # ------------------------------------------------------------------ stages
 
 
-def pretrain(model, tokenizer, blocks: torch.Tensor, st: Stage, device: str, seed: int) -> StageLog:
-    """Next-token loss on packed blocks (every token counts)."""
-    log = StageLog("pretrain", extra={"blocks": blocks.shape[0], "seqlen": blocks.shape[1]})
+def _run_stage(model, st: Stage, device: str, seed: int, log: StageLog, batch_loss) -> StageLog:
+    """The loop every stage shares: `batch_loss(generator)` draws a batch and returns its loss;
+    the learning rate follows the stage's time-based schedule; losses are logged per 25 steps."""
     model.to(device).train()
     opt = _optimizer(model, st, device)
     sch = _Schedule(st, device)
     g = torch.Generator().manual_seed(seed)
     acc, step = [], 0
     while True:
-        idx = torch.randint(0, blocks.shape[0], (st.batch_size,), generator=g)
-        x = blocks[idx].to(device, non_blocking=True)
         for grp in opt.param_groups:
             grp["lr"] = sch.lr(step)
-        with _autocast(device):
-            loss = model(input_ids=x, labels=x).loss
+        loss = batch_loss(g)
         _step(model, opt, loss)
         acc.append(loss.detach())
         if len(acc) == 25:
@@ -175,6 +172,19 @@ def pretrain(model, tokenizer, blocks: torch.Tensor, st: Stage, device: str, see
     log.steps, log.seconds = step + 1, time.perf_counter() - sch.t0
     model.eval()
     return log
+
+
+def pretrain(model, tokenizer, blocks: torch.Tensor, st: Stage, device: str, seed: int) -> StageLog:
+    """Next-token loss on packed blocks (every token counts)."""
+    log = StageLog("pretrain", extra={"blocks": blocks.shape[0], "seqlen": blocks.shape[1]})
+
+    def batch_loss(g):
+        idx = torch.randint(0, blocks.shape[0], (st.batch_size,), generator=g)
+        x = blocks[idx].to(device, non_blocking=True)
+        with _autocast(device):
+            return model(input_ids=x, labels=x).loss
+
+    return _run_stage(model, st, device, seed, log, batch_loss)
 
 
 def sft(model, tokenizer, problems: list[Problem], st: Stage, device: str, seed: int,
@@ -182,33 +192,15 @@ def sft(model, tokenizer, problems: list[Problem], st: Stage, device: str, seed:
     """Completion-only loss on the reasoning trace and answer."""
     log = StageLog("sft", extra={"examples": len(problems)})
     examples = encode_pairs(tokenizer, [(p.prompt, p.cot) for p in problems], max_len)
-    model.to(device).train()
-    opt = _optimizer(model, st, device)
-    sch = _Schedule(st, device)
-    g = torch.Generator().manual_seed(seed)
-    acc, step = [], 0
-    while True:
+
+    def batch_loss(g):
         idx = torch.randint(0, len(examples), (st.batch_size,), generator=g).tolist()
         b = {k: v.to(device, non_blocking=True) for k, v in
              make_batch(examples, idx, tokenizer.pad_token_id, True).items()}
-        for grp in opt.param_groups:
-            grp["lr"] = sch.lr(step)
         with _autocast(device):
-            loss = model(**b).loss
-        _step(model, opt, loss)
-        acc.append(loss.detach())
-        if len(acc) == 25:
-            log.losses.append(torch.stack(acc).mean().item())
-            acc = []
-        if sch.done(step):
-            break
-        step += 1
-    if acc:
-        log.losses.append(torch.stack(acc).mean().item())
-    _sync(device)
-    log.steps, log.seconds = step + 1, time.perf_counter() - sch.t0
-    model.eval()
-    return log
+            return model(**b).loss
+
+    return _run_stage(model, st, device, seed, log, batch_loss)
 
 
 def corrupt(problem: Problem, rng: random.Random) -> str:
@@ -267,39 +259,23 @@ def dpo(model, ref_model, tokenizer, problems: list[Problem], rejected: list[str
     rj = [(ids[:max_len], n) for ids, n in rj]
     pad = tokenizer.pad_token_id
     ref_model.to(device).eval()
-    model.to(device).train()
-    opt = _optimizer(model, st, device)
-    sch = _Schedule(st, device)
-    g = torch.Generator().manual_seed(seed)
-    acc, accs, step = [], [], 0
-    while True:
+    accs = []
+
+    def batch_loss(g):
         idx = torch.randint(0, len(ch), (st.batch_size,), generator=g).tolist()
         both = make_batch(ch + rj, idx + [len(ch) + i for i in idx], pad, True)
         both = {k: v.to(device, non_blocking=True) for k, v in both.items()}
         with torch.no_grad(), _autocast(device):
             ref_lp, _ = _seq_logps(ref_model, both)
-        for grp in opt.param_groups:
-            grp["lr"] = sch.lr(step)
         with _autocast(device):
             lp, n_tok = _seq_logps(model, both)
         n = len(idx)
         margin = (lp[:n] - ref_lp[:n]) - (lp[n:] - ref_lp[n:])
-        loss = -F.logsigmoid(st.beta * margin).mean() + st.nll_weight * (-lp[:n] / n_tok[:n]).mean()
-        _step(model, opt, loss)
-        acc.append(loss.detach())
         accs.append((margin > 0).float().mean().detach())
-        if len(acc) == 25:
-            log.losses.append(torch.stack(acc).mean().item())
-            acc = []
-        if sch.done(step):
-            break
-        step += 1
-    if acc:
-        log.losses.append(torch.stack(acc).mean().item())
-    _sync(device)
+        return -F.logsigmoid(st.beta * margin).mean() + st.nll_weight * (-lp[:n] / n_tok[:n]).mean()
+
+    _run_stage(model, st, device, seed, log, batch_loss)
     log.extra["reward_accuracy_last25"] = round(torch.stack(accs[-25:]).mean().item(), 3)
-    log.steps, log.seconds = step + 1, time.perf_counter() - sch.t0
-    model.eval()
     return log
 
 
