@@ -21,6 +21,8 @@ def register(sub) -> None:
                    help="train the model pair again on this CPU instead of using the committed weights")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where retrained pairs are cached (default: $QUANTLRM_CACHE/demo or ~/.cache/quantlrm/demo)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="quantization group size (default 128, as quantize and the paper; 64 and -1 also divide)")
     p.add_argument("--n-test", type=int, default=None,
                    help="held-out problems per task (default 200; 96 with --fast)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -35,7 +37,7 @@ def _run(args) -> int:
     if args.n_test is not None and args.n_test < 1:
         raise QuantLRMError(f"--n-test {args.n_test} is not a positive number.", "use e.g. --n-test 200.")
     opts = DemoOptions(out=args.out, fast=args.fast, retrain=args.retrain, cache_dir=args.cache_dir,
-                       n_test=args.n_test, threads=args.threads, progress=not args.no_progress)
+                       n_test=args.n_test, group_size=args.group_size, threads=args.threads, progress=not args.no_progress)
     run_demo(opts)
     print(f"\nreport: {args.out}/table.md, accuracy.png, dw_hist.png, results.json")
     return 0

@@ -40,7 +40,7 @@ class DemoOptions:
     n_test: int | None = None  # held-out problems per task (default 200, fast 96)
     bits: tuple[int, ...] = (3, 4)
     methods: tuple[str, ...] = METHODS
-    group_size: int = 64  # divides the tiny model's widths (128, 256)
+    group_size: int = 128  # quantize's and the paper's default; divides the widths (128, 256)
     calib_samples: int | None = None  # default 32, fast 8
     calib_seqlen: int = 256
     threads: int | None = None
