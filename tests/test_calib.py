@@ -67,3 +67,14 @@ def test_bad_inputs_are_clear(tok, tmp_path):
         load_calibration(tok, tmp_path / "missing.txt", samples=1, seqlen=8)
     with pytest.raises(QuantLRMError, match="empty"):
         load_calibration(tok, "builtin", samples=0, seqlen=8)
+
+
+def test_hub_probe_is_false_offline_and_for_an_unresolvable_host(monkeypatch):
+    from quantlrm.calib import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.quantlrm-test.invalid")  # .invalid never resolves
+    assert hub_reachable(timeout=2.0) is False

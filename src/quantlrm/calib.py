@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -151,6 +154,19 @@ def tokenize_blocks(
     return torch.tensor(ids[: n_blocks * seqlen], dtype=torch.long).view(n_blocks, seqlen), n_docs
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub, so an offline machine falls back at once instead of
+    sitting through `datasets`' retries (measured: 26 s on a machine without DNS)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_calibration(
     tokenizer,
     source: str | Path | None = None,
@@ -171,6 +187,10 @@ def load_calibration(
         except ImportError:
             src = BUILTIN
         else:
+            src = None if hub_reachable() else BUILTIN
+            if src == BUILTIN:
+                log.warning("the Hugging Face hub is not reachable; using the built-in corpus.")
+        if src is None:
             try:
                 return _from_docs(dataset_documents("pileval", "text"), "pileval", tokenizer, samples, seqlen)
             except QuantLRMError:
