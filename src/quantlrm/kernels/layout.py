@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from quantlrm.errors import QuantLRMError
+from quantlrm.export.packing import pack_dense
 
 KERNEL_BITS = (2, 3, 4, 8)
 
@@ -42,24 +43,10 @@ def plane_bits(bits: int) -> tuple[int, ...]:
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Dense LSB-first packing of unsigned codes along dim 1 (compressed-tensors' bit order).
 
-    codes: integer [rows, cols] in 0 .. 2^bits-1 -> int32 [rows, ceil(cols*bits/32)].
+    codes: integer [rows, cols] in 0 .. 2^bits-1 -> int32 [rows, ceil(cols*bits/32)]; the
+    export's packer, so the kernels read exactly what the exports write.
     """
-    rows, cols = codes.shape
-    n_words = math.ceil(cols * bits / 32)
-    units = math.ceil(cols / 32)
-    v = torch.zeros(rows, units * 32, dtype=torch.int64, device=codes.device)
-    v[:, :cols] = codes.to(torch.int64)
-    v = v.view(rows, units, 32)  # [rows, units, 32]
-    words = torch.zeros(rows, units, bits, dtype=torch.int64, device=codes.device)
-    for e in range(32):
-        start = e * bits
-        w, off = divmod(start, 32)
-        words[:, :, w] |= (v[:, :, e] << off) & 0xFFFFFFFF
-        spill = off + bits - 32
-        if spill > 0:
-            words[:, :, w + 1] |= v[:, :, e] >> (bits - spill)
-    words = words.view(rows, units * bits)[:, :n_words]
-    return _to_int32(words)
+    return pack_dense(codes.to(torch.int32), bits, dim=1)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -82,34 +69,6 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             val = val | (w[:, :, i + 1] << (bits - spill))
         out[:, :, e] = val & mask
     return out.view(rows, units * 32)[:, :cols].to(torch.uint8)
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
-    words = words & 0xFFFFFFFF
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-@dataclass
-class KernelWeight:
-    """One linear's weight in the kernels' layout (see module docstring)."""
-
-    planes: list[torch.Tensor]  # int32 [out, words_p] per plane
-    scale: torch.Tensor  # [out, groups], activation dtype
-    zero: torch.Tensor  # [out, groups], activation dtype (integer values)
-    bits: int
-    group_size: int
-    in_features: int
-    out_features: int
-
-    def to(self, device: torch.device | str) -> KernelWeight:
-        return KernelWeight(
-            [p.to(device) for p in self.planes], self.scale.to(device), self.zero.to(device),
-            self.bits, self.group_size, self.in_features, self.out_features,
-        )
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.planes, self.scale, self.zero))
 
 
 def make_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
