@@ -71,6 +71,28 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return out.view(rows, units * 32)[:, :cols].to(torch.uint8)
 
 
+@dataclass
+class KernelWeight:
+    """One linear's weight in the kernels' layout (see module docstring)."""
+
+    planes: list[torch.Tensor]  # int32 [out, words_p] per plane
+    scale: torch.Tensor  # [out, groups], activation dtype
+    zero: torch.Tensor  # [out, groups], activation dtype (integer values)
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+    def to(self, device: torch.device | str) -> KernelWeight:
+        return KernelWeight(
+            [p.to(device) for p in self.planes], self.scale.to(device), self.zero.to(device),
+            self.bits, self.group_size, self.in_features, self.out_features,
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.planes, self.scale, self.zero))
+
+
 def make_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """Codes uint8 [out, in] -> the kernel planes (each padded to whole 32-code units)."""
     out, inp = codes.shape
