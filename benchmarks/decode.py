@@ -130,11 +130,11 @@ def prefill_bench(qmods: list, dense: list) -> list[dict]:
         x = torch.randn(m, qmods[0].in_features, dtype=torch.float16, device="cuda")
         kws = [q.weight_layout for q in qmods]
         cfg = choose(x, kws[0])
-        deq = Config("dequant", block_n=64, block_k=128)
+        deq = Config("dequant", block_n=16)
         t_ours = graph_time(lambda x=x, kws=kws, cfg=cfg: [run_config(x, kw, cfg) for kw in kws]) / len(kws)
         t_deq = graph_time(lambda x=x, kws=kws, deq=deq: [run_config(x, kw, deq) for kw in kws]) / len(kws)
         t_fp16 = graph_time(lambda x=x: [x @ d.weight.t() for d in dense]) / len(dense)
-        rows.append(dict(m=m, bits=qmods[0].bits, chosen=f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} sk{cfg.split_k}",
+        rows.append(dict(m=m, bits=qmods[0].bits, chosen=f"{cfg.kind} m{cfg.block_m} n{cfg.block_n} c{cfg.chunk} sk{cfg.split_k}",
                          us_ours=t_ours * 1e6, us_dequant_cublas=t_deq * 1e6, us_fp16=t_fp16 * 1e6))
     return rows
 

@@ -48,17 +48,38 @@ def test_pack_matches_compressed_tensors(bits, cols):
     lib = pack_to_int32((codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8), bits)
     assert torch.equal(L.pack_rows(codes, bits), lib)
     assert torch.equal(L.unpack_rows(lib, bits, cols), codes)
-    assert torch.equal(L.codes_from_planes(L.make_planes(codes, bits), bits, cols), codes)
 
 
-def test_three_bit_planes_have_no_straddling():
-    codes = torch.randint(0, 8, (3, 64), dtype=torch.uint8)
-    lo, hi = L.make_planes(codes, 3)
-    assert lo.shape == (3, 4) and hi.shape == (3, 2)  # 64 codes: 4 words of 2 bits, 2 of 1 bit
-    k = 37
-    lo_val = (int(lo[1, k // 16]) >> (2 * (k % 16))) & 3
-    hi_val = (int(hi[1, k // 32]) >> (k % 32)) & 1
-    assert lo_val | (hi_val << 2) == int(codes[1, k])
+@pytest.mark.parametrize("bits,g,cols", [(2, 128, 256), (3, 128, 256), (4, 64, 192), (8, 32, 96),
+                                         (3, 100, 100), (4, 300, 300), (3, 96, 288), (3, 256, 512)])
+def test_block_layout_round_trips_and_matches_its_definition(bits, g, cols):
+    """Word j of block b holds channel b*B + j + i*W at bits i*bits (module docstring), checked
+    one code at a time, plus the vectorised unpacking."""
+    codes = torch.randint(0, 2**bits, (3, cols), dtype=torch.uint8)
+    packed = L.pack_blocks(codes, bits, g)
+    B, P = L.block_size(g, cols), L.codes_per_word(bits)
+    W = -(-B // P)
+    assert packed.shape == (3, -(-cols // B) * W)
+    for row in range(3):
+        for k in range(cols):
+            b, r = divmod(k, B)
+            i, j = divmod(r, W)
+            word = int(packed[row, b * W + j]) & 0xFFFFFFFF
+            assert (word >> (i * bits)) & (2**bits - 1) == int(codes[row, k])
+    assert torch.equal(L.unpack_blocks(packed, bits, g, cols), codes)
+
+
+def test_block_sizes_and_bytes():
+    assert L.block_size(128, 4096) == 128 and L.block_size(64, 4096) == 64
+    assert L.block_size(4096, 4096) == 128 and L.block_size(100, 100) == 128  # one group per row
+    assert L.block_size(384, 4096) == 128 and L.block_size(160, 320) == 80
+    with pytest.raises(QuantLRMError, match="group size 262"):
+        L.block_size(262, 524)
+    with pytest.raises(QuantLRMError, match="5-bit"):
+        L.codes_per_word(5)
+    q = quantize(torch.randn(8, 256), 3, 128)
+    kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128)
+    assert kw.packed.shape == (8, 26)  # 13 words of 10 codes per 128-channel block: 3.25 bits
 
 
 @pytest.mark.parametrize("bits,g", [(3, 32), (4, 128), (3, 64)])
@@ -146,7 +167,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     worst = 0.0
     cases = ((3, 40, 96, 32), (4, 33, 256, 128), (3, 17, 256, 64), (4, 9, 100, 100), (3, 9, 100, 100),
-             (4, 20, 96, 48))  # odd K per channel; g=48 takes the generic path
+             (4, 20, 96, 48), (3, 7, 640, 128), (2, 5, 256, 128), (8, 6, 160, 160), (3, 11, 300, 300))
+    # odd K per channel (one padded block), g=48 and g=160 (B=80): W not a power of two
     for bits, n, k, g in cases:
         q = quantize(torch.randn(n, k), bits, g)
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.float16)
@@ -155,9 +177,13 @@ _INTERP_SCRIPT = textwrap.dedent("""
         for m in (1, 20):
             x = torch.randn(m, k).half()
             ref = x.float() @ wd.t()
-            for c in candidates(kw, m)[:2] + candidates(kw, m)[-1:]:
-                if c.kind == "gemv":  # small tiles keep the interpreter fast; same code paths
-                    c = Config("gemv", block_n=8, block_k=64 if bits == 3 else 16, split_k=c.split_k)
+            cands = candidates(kw, m)
+            if m == 1:  # every code path: plain, several blocks per step, split-K, the GEMM fallback
+                cands = [Config("gemv", block_n=4, chunk=16), Config("gemv", block_n=2, chunk=8),
+                         Config("gemv", block_n=8, chunk=4, split_k=3), cands[-1]]
+            else:
+                cands = [cands[0], cands[1], cands[-1]]
+            for c in cands:
                 y = run_config(x, kw, c).float()
                 err = float((y - ref).norm() / ref.norm())
                 assert err < 2e-3, (bits, n, k, g, m, c, err)

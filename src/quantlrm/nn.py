@@ -34,17 +34,14 @@ class QuantLinear(nn.Module):
         self.out_features = kw.out_features
         self.bits = kw.bits
         self.group_size = kw.group_size
-        for i, p in enumerate(kw.planes):
-            self.register_buffer(f"plane{i}", p)
-        self.n_planes = len(kw.planes)
+        self.register_buffer("packed", kw.packed)
         self.register_buffer("scale", kw.scale)
         self.register_buffer("zero", kw.zero)
         self.bias = nn.Parameter(bias.to(kw.scale.dtype), requires_grad=False) if bias is not None else None
 
     @property
     def weight_layout(self) -> KernelWeight:
-        planes = [getattr(self, f"plane{i}") for i in range(self.n_planes)]
-        return KernelWeight(planes, self.scale, self.zero, self.bits, self.group_size,
+        return KernelWeight(self.packed, self.scale, self.zero, self.bits, self.group_size,
                             self.in_features, self.out_features)
 
     @classmethod

@@ -54,68 +54,63 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 @dataclass(frozen=True)
 class Config:
-    """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS)."""
+    """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS).
+
+    gemv: block_n rows per program, `chunk` packed words of a row per step; gemm: block_m x block_n
+    tiles, one layout block per step; split_k > 1 splits the blocks of a row over programs."""
 
     kind: str
     block_m: int = 16
     block_n: int = 32
-    block_k: int = 256
+    chunk: int = 32
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
 
-def _unit(bits: int) -> int:
-    return 32 if bits == 3 else 32 // bits
-
-
-def _gemv_ok(kw: KernelWeight) -> bool:
-    # One 32-code unit must sit inside one group (or there is one group only).
-    return kw.group_size % _unit(kw.bits) == 0 or kw.group_size == kw.in_features
+# Decode (one row): measured on an H100 with benchmarks/decode.py --sweep; the tuner times these.
+GEMV_CONFIGS = (
+    Config("gemv", block_n=4, chunk=32, num_warps=1), Config("gemv", block_n=8, chunk=32, num_warps=2),
+    Config("gemv", block_n=16, chunk=32, num_warps=4), Config("gemv", block_n=4, chunk=64, num_warps=2),
+    Config("gemv", block_n=8, chunk=64, num_warps=4), Config("gemv", block_n=2, chunk=64, num_warps=1),
+    Config("gemv", block_n=16, chunk=64, num_warps=4, split_k=4),
+)
 
 
 def candidates(kw: KernelWeight, m: int) -> list[Config]:
-    """The configurations tried for `m` activation rows."""
+    """The configurations tried for `m` activation rows (the first one never needs timing)."""
     if m == 1:
-        out = [Config("gemv", block_n=bn, block_k=bk, split_k=sk, num_warps=w)
-               for bn, bk, sk, w in ((16, 512, 1, 4), (32, 512, 1, 4), (8, 1024, 1, 4),
-                                     (16, 1024, 1, 8), (32, 256, 2, 4), (16, 512, 4, 4))]
-        out = out if _gemv_ok(kw) else []
-        return out + [Config("gemm", block_m=16, block_n=64, block_k=128, split_k=2)]
+        return list(GEMV_CONFIGS) + [Config("gemm", block_m=16, block_n=64, split_k=2)]
     if m <= 16:
-        tiles = ((16, 64, 128, 1, 4, 3), (16, 32, 128, 4, 4, 3), (16, 128, 64, 2, 4, 3))
+        tiles = ((16, 64, 1, 4, 3), (16, 32, 4, 4, 3), (16, 128, 2, 4, 3))
     elif m <= 64:
-        tiles = ((32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (32, 128, 64, 2, 4, 3))
+        tiles = ((32, 64, 1, 4, 3), (64, 64, 1, 4, 3), (32, 128, 2, 4, 3))
     else:
-        tiles = ((64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4))
-    out = [Config("gemm", bm, bn, bk, sk, w, st) for bm, bn, bk, sk, w, st in tiles]
-    return out + [Config("dequant", block_n=64, block_k=128)]
+        tiles = ((64, 128, 1, 4, 3), (128, 128, 1, 8, 3), (128, 64, 1, 4, 4))
+    out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w, num_stages=st)
+           for bm, bn, sk, w, st in tiles]
+    return out + [Config("dequant", block_n=16)]
 
 
-def _strides(kw: KernelWeight) -> tuple[int, int, int]:
-    p1 = kw.planes[1] if len(kw.planes) > 1 else kw.planes[0]
-    return kw.planes[0].stride(0), p1.stride(0), kw.scale.stride(0)
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
-def _plane_args(kw: KernelWeight) -> tuple:
-    p0 = kw.planes[0]
-    p1 = kw.planes[1] if len(kw.planes) > 1 else p0
-    bits0 = 2 if kw.bits == 3 else kw.bits
-    bits1 = 1 if kw.bits == 3 else 0
-    return p0, p1, bits0, bits1
+def _layout_args(kw: KernelWeight) -> dict:
+    w = kw.words_per_block
+    return dict(BITS=kw.bits, B=kw.block, W=w)
 
 
-def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 64, block_k: int = 128) -> torch.Tensor:
+def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> torch.Tensor:
     """Dense [out, in] weight written by the Triton decoder."""
     from quantlrm.kernels import triton_kernels as tk
 
     n, k = kw.out_features, kw.in_features
     w = torch.empty(n, k, dtype=dtype, device=kw.scale.device)
-    p0, p1, b0, b1 = _plane_args(kw)
-    sp0, sp1, ss = _strides(kw)
-    grid = (tk.cdiv(n, block_n), tk.cdiv(k, block_k))
-    tk._dequant_kernel[grid](p0, p1, kw.scale, kw.zero, w, n, k, sp0, sp1, ss, kw.group_size,
-                             BITS0=b0, BITS1=b1, BLOCK_N=block_n, BLOCK_K=block_k)
+    grid = (tk.cdiv(n, block_n), kw.n_blocks)
+    tk._dequant_kernel[grid](kw.packed, kw.scale, kw.zero, w, n, k, kw.packed.stride(0), kw.scale.stride(0),
+                             kw.group_size, P=kw.per_word, W_PAD=_pow2(kw.words_per_block), BLOCK_N=block_n,
+                             **_layout_args(kw))
     return w
 
 
@@ -125,29 +120,26 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
 
     m, k = x2.shape
     n = kw.out_features
-    p0, p1, b0, b1 = _plane_args(kw)
-    sp0, sp1, ss = _strides(kw)
     if cfg.kind == "dequant":
-        return x2 @ dequant_triton(kw, x2.dtype, cfg.block_n, cfg.block_k).t()
-    split = cfg.split_k
-    y = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32 if split > 1 else x2.dtype,
-                                                      device=x2.device)
+        return x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
+    nb = kw.n_blocks
+    total, step = (kw.packed.shape[1], cfg.chunk) if cfg.kind == "gemv" else (nb, 1)
+    per = tk.cdiv(tk.cdiv(total, cfg.split_k), step) * step
+    split = tk.cdiv(total, per)
+    y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if split > 1
+         else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+    common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
     if cfg.kind == "gemv":
-        unit = _unit(kw.bits)
-        n_units = tk.cdiv(k, unit)
-        block_u = cfg.block_k // unit
-        per = tk.cdiv(tk.cdiv(n_units, split), block_u) * block_u
-        grid = (tk.cdiv(n, cfg.block_n), tk.cdiv(n_units, per))
-        tk._gemv_kernel[grid](x2, p0, p1, kw.scale, kw.zero, y, n, k, n_units, per, sp0, sp1, ss,
-                              kw.group_size, BITS0=b0, BITS1=b1, BLOCK_N=cfg.block_n, BLOCK_U=block_u,
-                              SPLIT_K=grid[1], num_warps=cfg.num_warps)
+        grid = (tk.cdiv(n, cfg.block_n), split)
+        tk._gemv_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, n, k, total, per, kw.packed.stride(0),
+                              kw.scale.stride(0), kw.group_size, P=kw.per_word, CHUNK=cfg.chunk,
+                              BLOCK_N=cfg.block_n, ATOMIC=split > 1, **common)
     else:
-        per = tk.cdiv(tk.cdiv(k, split), cfg.block_k) * cfg.block_k
-        grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), tk.cdiv(k, per))
-        tk._gemm_kernel[grid](x2, p0, p1, kw.scale, kw.zero, y, m, n, k, per, x2.stride(0), y.stride(0),
-                              sp0, sp1, ss, kw.group_size, BITS0=b0, BITS1=b1, BLOCK_M=cfg.block_m,
-                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=grid[2],
-                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), split)
+        tk._gemm_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, m, n, k, nb, per, x2.stride(0), y.stride(0),
+                              kw.packed.stride(0), kw.scale.stride(0), kw.group_size, B_PAD=_pow2(kw.block),
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
+                              num_stages=cfg.num_stages, **common)
     return y.to(x2.dtype) if y.dtype != x2.dtype else y
 
 

@@ -7,15 +7,19 @@ exactly `bits` int32 words, a row has ceil(in*bits/32) words. It stores the sign
 itself. The zero point is packed the same way but along the *output* dim
 (`weight_zero_point` int32 [ceil(out*bits/32), in/g]); `weight_scale` is [out, in/g].
 
-Kernel layout (built once at load, `KernelWeight`): the codes of a row are split into at most
-two bit *planes* so that no value straddles an int32 word and every word index is a shift:
-- bits 2, 4, 8: one plane, `32/bits` codes per word, LSB-first. For 4 bits this is byte for
-  byte the compressed-tensors `weight_packed`, so a W4 checkpoint is used as stored.
-- bits 3: plane 0 holds the low 2 bits (16 codes per word), plane 1 the high bit (32 codes
-  per word). 3 bits per weight exactly, like the dense layout.
-Each plane is padded per row to whole 32-code units (plane 0 of 3-bit: 2 words per unit).
-Scales and zero points are [out, groups] in the activation dtype (zero points are small
-integers, exact in fp16/bf16), so dequantization is w = (q - z) * s, the quantizer's formula.
+Kernel layout (built once at load, `KernelWeight`), chosen so that the GEMV decodes every code
+with one shift and one mask and reads the activations it needs as short contiguous runs:
+- a row is cut into blocks of B input channels (B = 128 when the group size is a multiple of
+  128 or the row has one group; else B = the group size, or its largest divisor in 32..128),
+  so every block lies inside one group and needs one scale and one zero point;
+- a word holds P codes (P = 32 // bits; 10 for 3 bits, bits 30-31 unused) and a block has
+  W = ceil(B / P) words: word j of a block holds the block's channels j, j + W, ..., j + (P-1)W
+  (channels past B are zero padding). Code i of every word of a block is therefore the block's
+  channels i*W .. i*W + W - 1, in order.
+- the row is padded with zero codes to a whole number of blocks.
+Sizes per weight: W4 exactly 4 bits, W3 3.25 bits at B = 128 (13 words for 128 codes), W2 2,
+W8 8; plus the scale and zero point per group in the activation dtype (zero points are small
+integers, exact in fp16/bf16). Dequantization is w = (q - z) * s, the quantizer's formula.
 """
 
 from __future__ import annotations
@@ -29,15 +33,6 @@ from quantlrm.errors import QuantLRMError
 from quantlrm.export.packing import pack_dense
 
 KERNEL_BITS = (2, 3, 4, 8)
-
-
-def plane_bits(bits: int) -> tuple[int, ...]:
-    """Bits per code held by each plane, lowest bits first."""
-    if bits == 3:
-        return (2, 1)
-    if bits in (2, 4, 8):
-        return (bits,)
-    raise QuantLRMError(f"the kernels do not handle {bits}-bit weights.", "use 2, 3, 4 or 8 bits.")
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -71,11 +66,33 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return out.view(rows, units * 32)[:, :cols].to(torch.uint8)
 
 
+def codes_per_word(bits: int) -> int:
+    """P: codes in one int32 word of the kernel layout (3 bits: 10, the top 2 bits unused)."""
+    if bits not in KERNEL_BITS:
+        raise QuantLRMError(f"the kernels do not handle {bits}-bit weights.", "use 2, 3, 4 or 8 bits.")
+    return 10 if bits == 3 else 32 // bits
+
+
+def block_size(group_size: int, in_features: int) -> int:
+    """B: input channels per block; every block lies inside one group."""
+    if group_size == in_features or group_size % 128 == 0:
+        return 128
+    if group_size <= 128:
+        return group_size
+    for b in range(128, 31, -1):
+        if group_size % b == 0:
+            return b
+    raise QuantLRMError(
+        f"group size {group_size} has no divisor between 32 and 128, so the kernels cannot tile it.",
+        "quantize with a group size of at most 128 or a multiple of 32 such as 128 or 256.",
+    )
+
+
 @dataclass
 class KernelWeight:
     """One linear's weight in the kernels' layout (see module docstring)."""
 
-    planes: list[torch.Tensor]  # int32 [out, words_p] per plane
+    packed: torch.Tensor  # int32 [out, n_blocks * words_per_block]
     scale: torch.Tensor  # [out, groups], activation dtype
     zero: torch.Tensor  # [out, groups], activation dtype (integer values)
     bits: int
@@ -83,39 +100,55 @@ class KernelWeight:
     in_features: int
     out_features: int
 
+    @property
+    def block(self) -> int:
+        return block_size(self.group_size, self.in_features)
+
+    @property
+    def per_word(self) -> int:
+        return codes_per_word(self.bits)
+
+    @property
+    def words_per_block(self) -> int:
+        return math.ceil(self.block / self.per_word)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.in_features / self.block)
+
     def to(self, device: torch.device | str) -> KernelWeight:
-        return KernelWeight(
-            [p.to(device) for p in self.planes], self.scale.to(device), self.zero.to(device),
-            self.bits, self.group_size, self.in_features, self.out_features,
-        )
+        return KernelWeight(self.packed.to(device), self.scale.to(device), self.zero.to(device),
+                            self.bits, self.group_size, self.in_features, self.out_features)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.planes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
 
 
-def make_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """Codes uint8 [out, in] -> the kernel planes (each padded to whole 32-code units)."""
+def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout."""
     out, inp = codes.shape
-    pad = math.ceil(inp / 32) * 32
-    c = torch.zeros(out, pad, dtype=torch.uint8, device=codes.device)
-    c[:, :inp] = codes
-    planes = []
-    shift = 0
-    for pb in plane_bits(bits):
-        planes.append(pack_rows((c >> shift) & ((1 << pb) - 1), pb))
-        shift += pb
-    return planes
+    b, p = block_size(group_size, inp), codes_per_word(bits)
+    w = math.ceil(b / p)
+    nb = math.ceil(inp / b)
+    c = torch.zeros(out, nb * b, dtype=torch.int64, device=codes.device)
+    c[:, :inp] = codes.to(torch.int64)
+    c = torch.nn.functional.pad(c.view(out, nb, b), (0, p * w - b)).view(out, nb, p, w)
+    shifts = torch.arange(p, device=codes.device, dtype=torch.int64).mul_(bits).view(1, 1, p, 1)
+    words = (c << shifts).sum(dim=2)  # [out, nb, w]; disjoint bit fields, so sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).view(out, nb * w)
 
 
-def codes_from_planes(planes: list[torch.Tensor], bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of `make_planes` (uint8 codes [out, in])."""
-    codes = None
-    shift = 0
-    for p, pb in zip(planes, plane_bits(bits), strict=True):
-        c = unpack_rows(p, pb, in_features).to(torch.int32) << shift
-        codes = c if codes is None else codes | c
-        shift += pb
-    return codes.to(torch.uint8)
+def unpack_blocks(packed: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack_blocks`: uint8 codes [out, in]."""
+    out = packed.shape[0]
+    b, p = block_size(group_size, in_features), codes_per_word(bits)
+    w = math.ceil(b / p)
+    nb = math.ceil(in_features / b)
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, 1, w)
+    shifts = torch.arange(p, device=packed.device, dtype=torch.int64).mul_(bits).view(1, 1, p, 1)
+    c = ((words >> shifts) & ((1 << bits) - 1)).view(out, nb, p * w)[:, :, :b]
+    return c.reshape(out, nb * b)[:, :in_features].to(torch.uint8)
 
 
 def from_codes(
@@ -131,7 +164,7 @@ def from_codes(
             "re-export the checkpoint with quantlrm.",
         )
     return KernelWeight(
-        make_planes(codes, bits), scale.to(dtype).contiguous(), zero.to(dtype).contiguous(),
+        pack_blocks(codes, bits, group_size), scale.to(dtype).contiguous(), zero.to(dtype).contiguous(),
         bits, group_size, inp, out,
     )
 
@@ -170,7 +203,7 @@ def from_compressed_tensors(
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference dequantization [out, in] (torch only; runs anywhere)."""
-    codes = codes_from_planes(kw.planes, kw.bits, kw.in_features).to(torch.float32)
+    codes = unpack_blocks(kw.packed, kw.bits, kw.group_size, kw.in_features).to(torch.float32)
     g = kw.group_size
     q = codes.view(kw.out_features, -1, g)  # [out, in/g, g]
     w = (q - kw.zero.float().unsqueeze(-1)) * kw.scale.float().unsqueeze(-1)

@@ -1,0 +1,117 @@
+"""Sweep the batch-1 GEMV's tile configurations on the 8B linear shapes (GPU machine).
+
+Each configuration runs over L copies of the weight (so the copies overflow L2 and every byte
+comes from HBM) inside one CUDA graph; the result is bytes moved / time against the card's
+measured copy bandwidth, next to fp16 cuBLAS on the same shapes in the same run. The weights
+are random words in the kernel layout: speed does not depend on their values.
+
+    PYTHONPATH=src python3 benchmarks/gemv_sweep.py --out sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import copy_bandwidth, graph_time  # noqa: E402
+
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
+
+
+def random_layout(n: int, k: int, bits: int, group: int, min_copies: int, min_bytes: float = 150e6):
+    """Enough copies that together they are 3x the H100's 50 MB L2."""
+    from quantlrm.kernels import KernelWeight
+    from quantlrm.kernels import layout as L
+
+    b = L.block_size(group, k)
+    words = math.ceil(k / b) * math.ceil(b / L.codes_per_word(bits))
+    copies = max(min_copies, math.ceil(min_bytes / (n * words * 4)))
+    out = []
+    for _ in range(copies):
+        packed = torch.randint(-2**31, 2**31 - 1, (n, words), dtype=torch.int32, device="cuda")
+        scale = torch.rand(n, k // group, device="cuda", dtype=torch.float16) * 0.01
+        zero = torch.randint(0, 2**bits, (n, k // group), device="cuda").half()
+        out.append(KernelWeight(packed, scale, zero, bits, group, k, n))
+    return out
+
+
+def grid(quick: bool):
+    from quantlrm.kernels import Config
+
+    for bn, ch, w in itertools.product((1, 2, 4, 8, 16), (16, 32, 64, 128), (1, 2, 4, 8)):
+        per_thread = bn * ch / (32 * w)  # words held per thread per step
+        if 1 <= per_thread <= 16 and (not quick or w <= 4):
+            yield Config("gemv", block_n=bn, chunk=ch, num_warps=w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="sweep.json")
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")
+    args = ap.parse_args()
+
+    from quantlrm.kernels import GEMV_CONFIGS, Config, run_config
+
+    t0 = time.time()
+    peak = copy_bandwidth()
+    res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_bandwidth_GBps=peak / 1e9,
+                     args=vars(args), rows=[], fp16={}, best={})
+
+    def dump():
+        res["wall_s"] = time.time() - t0
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+    for short, (n, k) in SHAPES.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(args.copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        t = graph_time(lambda ws=ws, x=x: [x @ w.t() for w in ws]) / len(ws)
+        nbytes = n * k * 2 + 2 * (n + k)
+        res["fp16"][short] = dict(us=t * 1e6, gbps=nbytes / t / 1e9, frac=nbytes / t / peak)
+        print(f"fp16 {short}: {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s", flush=True)
+        del ws
+    configs = list(GEMV_CONFIGS) + [c for c in grid(False) if c not in GEMV_CONFIGS]
+    for bi, bits in enumerate(args.bits):
+        stop = t0 + args.budget * (bi + 1) / len(args.bits)
+        for short, (n, k) in SHAPES.items():
+            kws = random_layout(n, k, bits, args.group_size, args.copies)
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            nbytes = kws[0].nbytes() + 2 * (n + k)
+            best = None
+            for cfg in configs:
+                if time.time() > stop:
+                    res.setdefault("skipped", []).append(f"W{bits} {short} from {cfg}")
+                    break
+                for split in (1, 2, 4) if n / cfg.block_n < 2048 else (1,):  # few programs: try split-K
+                    c = Config("gemv", block_n=cfg.block_n, chunk=cfg.chunk, num_warps=cfg.num_warps, split_k=split)
+                    try:
+                        t = graph_time(lambda kws=kws, x=x, c=c: [run_config(x, kw, c) for kw in kws]) / len(kws)
+                    except Exception as e:  # noqa: BLE001 -- a config that does not compile is reported
+                        res["rows"].append(dict(bits=bits, linear=short, config=c.__dict__, error=repr(e)[:200]))
+                        continue
+                    row = dict(bits=bits, linear=short, config=c.__dict__, us=t * 1e6, gbps=nbytes / t / 1e9,
+                               frac=nbytes / t / peak)
+                    res["rows"].append(row)
+                    if best is None or t * 1e6 < best["us"]:
+                        best = row
+            res["best"][f"W{bits} {short}"] = best
+            if best:
+                print(f"W{bits} {short}: best {best['config']} {best['us']:.1f} us {best['gbps']:.0f} GB/s "
+                      f"({best['frac']:.0%}) [{time.time() - t0:.0f}s]", flush=True)
+            dump()
+            del kws
+    dump()
+
+
+if __name__ == "__main__":
+    main()
