@@ -1,4 +1,5 @@
-"""llm-compressor AWQ and GPTQ as baselines on the zoo's models (W3/W4, asymmetric int, groups).
+"""llm-compressor AWQ and GPTQ as baselines on the zoo's models (W2-W4, asymmetric int, groups
+or per output channel with group size -1).
 
 llm-compressor is not a dependency of quantlrm: the zoo carries its pinned wheels to the GPU
 machine (llmcompressor==0.14.0.1, compressed-tensors==0.19.0; see shared/recipes/README.md)
@@ -70,9 +71,19 @@ def llmc_quantize(model_dir: str | Path, out_dir: str | Path, method: str, bits:
     model.config._name_or_path = str(model_dir)
     model.name_or_path = str(model_dir)
     seqlen = max(len(x) for x in calib_ids)
-    ds = Dataset.from_dict({"input_ids": calib_ids, "attention_mask": [[1] * len(x) for x in calib_ids]})
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group_size))
+    cols = {"input_ids": calib_ids, "attention_mask": [[1] * len(x) for x in calib_ids]}
+    try:
+        ds = Dataset.from_dict(cols)
+    except Exception:  # noqa: BLE001  (fingerprint hashing fails with some dill/pyarrow pairs)
+        from datasets.table import InMemoryTable
+
+        ds = Dataset(InMemoryTable.from_pydict(cols), fingerprint="zoo-calibration")
+    if group_size == -1:  # per output channel, as our --group-size -1
+        qargs = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="channel")
+    else:
+        qargs = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group",
+                                 group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=qargs)
     if method == "awq":
         recipe = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": scheme})]
     else:
@@ -114,7 +125,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("method", choices=METHODS)
     ap.add_argument("bits", type=int)
-    ap.add_argument("group_size", type=int, nargs="?", default=128)
+    ap.add_argument("group_size", type=int, nargs="?", default=128, help="-1: per output channel")
     ap.add_argument("--calib", help="jsonl with a 'text' field (default: random token ids)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)

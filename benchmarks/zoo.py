@@ -2,24 +2,27 @@
 
 For each zoo model, in one seeded run (GPU, or CPU at toy sizes):
 
-1. train: pre-training (pydoc text + task text) -> SFT on reasoning traces -> DPO, each stage
-   saved in bf16 (`benchmarks/zoo_train.py`), giving an SFT->DPO fine-tuning pair;
-2. signals of the pair (`quantlrm.signals`), exact-zero update fraction reported;
-3. the DPO model at 16 bits, and at W3/W4 (group 128) with RTN, AWQ and QuantLRM (ours,
-   `quantlrm.pipeline`, default and main options) and llm-compressor AWQ and GPTQ
-   (`benchmarks/llmc_baseline.py`, when llmcompressor is importable);
-4. optional extras on the first model: the protection table (`quantlrm.protect`, 5%) over
-   all signals, and the pseudo-fine-tuning curve (`quantlrm.finetune`, Figure 3).
+1. train: pre-training (pydoc text + task text) -> SFT on reasoning traces -> DPO -> RL with a
+   verifiable reward (GRPO-style), each stage saved in bf16 (`benchmarks/zoo_train.py`), so the
+   zoo has SFT->DPO and DPO->RL fine-tuning pairs like Olmo-3-Think;
+2. signals of the DPO->RL pair (`quantlrm.signals`); exact-zero update fractions of both pairs;
+3. the SFT, DPO and RL models at 16 bits, then the RL model quantized at each setting (W3 g128
+   and W4 g128 with every method; harder settings such as W3 per-channel and W2 g128 with the
+   main ones) by RTN, AWQ and QuantLRM (ours, `quantlrm.pipeline`) and llm-compressor GPTQ and
+   AWQ (`benchmarks/llmc_baseline.py`, when llmcompressor is importable), then QuantLRM options;
+4. optional extras on one model: the pseudo-fine-tuning curve (`quantlrm.finetune`, Figure 3)
+   and the protection table (`quantlrm.protect`, 5%) over all signals.
 
-Every quantized model is graded on the held-out synthetic test sets of `quantlrm.demo.tasks`
-with the eval harness's graders (aime, folio, temporal, gpqa), greedy decoding, one batch.
-Results go to OUT/<model>.json after every row (a killed run keeps what it measured), and
-OUT/zoo.md + OUT/zoo.png at the end. Models run in parallel processes (one GPU is mostly
-idle on models this small); every step checks a global deadline and skips what cannot end
-in time.
+Every row is graded on the held-out synthetic test sets of `quantlrm.demo.tasks` with the eval
+harness's graders (aime, folio, temporal, gpqa), greedy, one batch; per-question outcomes are
+kept so that W3 QuantLRM is compared with every baseline by an exact McNemar test
+(`benchmarks/zoo_stats.py`). Results go to OUT/<model>.json after every row (a killed run
+keeps what it measured), and OUT/zoo.md + OUT/zoo.png at the end. Every model runs in its own
+child process (several share one GPU); every row checks the deadline and skips what cannot end
+in time; the parent kills late children and always writes the report.
 
-    python benchmarks/zoo.py --out OUT --models llama-30m,qwen3-60m --budget 540   # GPU
-    python benchmarks/zoo.py --out /tmp/zoo --toy --budget 600 --device cpu         # smoke test
+    python benchmarks/zoo.py --out OUT --models llama-30m,qwen3-60m --budget 525   # GPU
+    python benchmarks/zoo.py --out /tmp/zoo --toy --budget 300 --device cpu         # smoke test
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ MODELS: dict[str, dict] = {
                       num_attention_heads=8, num_key_value_heads=4, seed=11),
     "qwen3-60m": dict(model_type="qwen3", hidden_size=640, intermediate_size=1792, num_hidden_layers=12,
                       num_attention_heads=10, num_key_value_heads=2, head_dim=64, seed=12),
-    "llama-120m": dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=16,
+    "llama-120m": dict(model_type="llama", hidden_size=768, intermediate_size=2560, num_hidden_layers=16,
                        num_attention_heads=12, num_key_value_heads=4, seed=13),
     # CPU sizes: a learning check (cpu-llama) and smoke tests (toy-*).
     "cpu-llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -66,17 +69,39 @@ MODELS: dict[str, dict] = {
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, seed=2),
 }
 
-# (label, kind, options). kind "ours": QuantizeOptions fields; "llmc": llm-compressor method.
-# The order is the priority order under the deadline.
-METHODS: list[tuple[str, str, dict]] = [
-    ("RTN", "ours", dict(method="rtn")),
-    ("AWQ", "ours", dict(method="awq")),
-    ("QuantLRM", "ours", dict(method="quantlrm")),
-    ("GPTQ (llm-compressor)", "llmc", dict(method="gptq")),
-    ("AWQ (llm-compressor)", "llmc", dict(method="awq")),
-    ("QuantLRM (group mean)", "ours", dict(method="quantlrm", group_importance="mean")),
-    ("QuantLRM (act factor)", "ours", dict(method="quantlrm", act_factor=True)),
-]
+# key -> (label, kind, options). kind "ours": QuantizeOptions fields; "llmc": llm-compressor.
+# "signals": "prev" uses the SFT->DPO pair's signals instead of the quantized pair's (DPO->RL).
+METHODS: dict[str, tuple[str, str, dict]] = {
+    "rtn": ("RTN", "ours", dict(method="rtn")),
+    "awq": ("AWQ (ours)", "ours", dict(method="awq")),
+    "quantlrm": ("QuantLRM", "ours", dict(method="quantlrm")),
+    "gptq-llmc": ("GPTQ (llm-compressor)", "llmc", dict(method="gptq")),
+    "awq-llmc": ("AWQ (llm-compressor)", "llmc", dict(method="awq")),
+    "quantlrm-mean": ("QuantLRM (group mean)", "ours", dict(method="quantlrm", group_importance="mean")),
+    "quantlrm-act": ("QuantLRM (act factor)", "ours", dict(method="quantlrm", act_factor=True)),
+    "quantlrm-prev": ("QuantLRM (SFT->DPO signals)", "ours", dict(method="quantlrm", signals="prev")),
+}
+BASELINES = ["RTN", "AWQ (ours)", "GPTQ (llm-compressor)", "AWQ (llm-compressor)"]
+
+# First-guess seconds per row (quantize + eval) before one was measured, at 25M parameters.
+DEFAULT_EST = {"ours": 12.0, "gptq": 25.0, "awq": 60.0, "protect": 12.0, "eval": 8.0}
+
+
+def parse_setting(s: str) -> tuple[int, int]:
+    """'w3g128' -> (3, 128); 'w3pc' (per output channel) -> (3, -1)."""
+    s = s.strip().lower()
+    try:
+        if s.endswith("pc"):
+            return int(s[1:-2]), -1
+        b, g = s[1:].split("g")
+        return int(b), int(g)
+    except ValueError:
+        raise SystemExit(f"bad setting {s!r}: use e.g. w3g128 or w3pc (per-channel)") from None
+
+
+def setting_label(s: str) -> str:
+    b, g = parse_setting(s)
+    return f"W{b} per-channel" if g == -1 else f"W{b} g{g}"
 
 
 def log(msg: str) -> None:
@@ -109,8 +134,10 @@ def test_sets(n: int, seed: int, level: int) -> list:
     return [p for f in FAMILY_ORDER for p in generate(f, n, seed + 1000, "test", level)]
 
 
-def evaluate_model(model_or_dir, tests: list, device: str, max_new_tokens: int, tokenizer=None) -> dict:
-    """Accuracy per family with the eval harness's backend and graders, all tasks in one batch."""
+def evaluate_model(model_or_dir, tests: list, device: str, max_new_tokens: int, tokenizer=None,
+                   batch_size: int | None = None) -> dict:
+    """Accuracy per family with the eval harness's backend and graders, all tasks in one batch;
+    `correct[family]` is the '0'/'1' outcome of every question, in the test set's order."""
     from quantlrm.eval import GenerationConfig, grade, load_model
     from quantlrm.eval.backends import TransformersBackend
 
@@ -122,17 +149,16 @@ def evaluate_model(model_or_dir, tests: list, device: str, max_new_tokens: int, 
         model, tok = model_or_dir, tokenizer
     be = TransformersBackend(model, tok, progress=False)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, think_suffix="",
-                           batch_size=len(tests))
+                           batch_size=batch_size or len(tests))
     gens = be.generate([p.prompt for p in tests], cfg)
-    correct = {f: 0 for f in FAMILY_ORDER}
-    total = {f: 0 for f in FAMILY_ORDER}
+    marks: dict[str, list[str]] = {f: [] for f in FAMILY_ORDER}
     for p, g in zip(tests, gens, strict=True):
-        total[p.family] += 1
-        correct[p.family] += bool(grade(FAMILIES[p.family].grader, g.text, p.answer))
-    acc = {f: correct[f] / total[f] for f in FAMILY_ORDER}
+        marks[p.family].append("1" if grade(FAMILIES[p.family].grader, g.text, p.answer) else "0")
+    acc = {f: marks[f].count("1") / max(len(marks[f]), 1) for f in FAMILY_ORDER}
     example = next((g.text for p, g in zip(tests, gens, strict=True) if p.family == "arith"), "")
-    return {"acc": acc, "avg": sum(acc.values()) / len(acc), "n_per_task": total["arith"],
-            "eval_s": round(time.time() - t0, 1), "example": example[:200]}
+    return {"acc": acc, "avg": sum(acc.values()) / len(acc), "n_per_task": len(marks["arith"]),
+            "eval_s": round(time.time() - t0, 1), "example": example[:200],
+            "correct": {f: "".join(m) for f, m in marks.items()}}
 
 
 # ------------------------------------------------------------------ one model
@@ -145,18 +171,32 @@ class ModelRun:
         self.work = Path(args.work) / name
         self.res_path = Path(args.out) / f"{name}.json"
         self.device = args.device
+        self.est: dict[str, float] = {}
+        self.sig_dirs: dict[tuple[str, str], Path | None] = {}
         self.res: dict = {"model": name, "spec": self.spec, "device": _device_name(self.device),
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "settings": {k: v for k, v in vars(args).items() if k not in ("models",)},
-                          "stages": [], "rows": [], "errors": [], "skipped": []}
+                          "task_order": list(FAMILY_ORDER), "stages": [], "rows": [], "errors": [],
+                          "skipped": []}
 
     def save(self) -> None:
         write_json(self.res_path, self.res)
+
+    def size_factor(self) -> float:
+        return max(1.0, self.res.get("params_m", 25.0) / 25.0)
+
+    def guess(self, key: str) -> float:
+        """Measured seconds of the last such row, else the default scaled by model size."""
+        if key in self.est:
+            return self.est[key]
+        return DEFAULT_EST.get(key, 30.0) * (self.size_factor() if key != "eval" else 1.0)
 
     # -------------------------------------------------------------- training
 
     def train(self) -> None:
         import zoo_train as zt
+
+        shutil.rmtree(self.work, ignore_errors=True)  # scratch: a previous run's checkpoints are stale
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from quantlrm.models import byte_tokenizer
@@ -179,18 +219,22 @@ class ModelRun:
         blocks = zt.pack_blocks(tok, docs, a.seqlen, seed)
         self.res["data"] = {"train_problems": len(train), "test_problems": len(self.tests), "level": a.level,
                             "pretrain_tokens_available": blocks.numel(), "seconds": round(time.time() - t0, 1)}
-        T = a.train_seconds
-        st_pt = zt.Stage(steps=a.pt_steps, seconds=0.6 * T, lr=1.5e-3, batch_size=a.pt_batch, warmup=100,
+        # The training share: what was asked, but never more than leaves min_eval_seconds.
+        T = max(min(a.train_seconds, self.clock.left() - a.min_eval_seconds), 0.2 * a.train_seconds)
+        fr = dict(zip(("pt", "sft", "dpo", "rl"), a.stage_shares, strict=True))
+        self.res["train_seconds_used"] = round(T, 1)
+        self.dirs = {s: self.work / s for s in ("pt", "sft", "dpo", "rl")}
+
+        st_pt = zt.Stage(steps=a.pt_steps, seconds=fr["pt"] * T, lr=1.5e-3, batch_size=a.pt_batch, warmup=100,
                          weight_decay=0.1)
         lg = zt.pretrain(model, tok, blocks, st_pt, self.device, seed)
         self.res["stages"].append(lg.as_dict())
         log(f"pretrain {lg.steps} steps {lg.seconds:.0f}s loss {lg.losses[0]:.3f}->{lg.losses[-1]:.3f}")
-        self.dirs = {s: self.work / s for s in ("pt", "sft", "dpo")}
         zt.save_bf16(model, tok, self.dirs["pt"])
         del model
 
         model = zt.load_fp32(self.dirs["pt"], self.device)
-        st_sft = zt.Stage(steps=a.sft_steps, seconds=0.25 * T, lr=5e-4, batch_size=a.batch, warmup=50,
+        st_sft = zt.Stage(steps=a.sft_steps, seconds=fr["sft"] * T, lr=5e-4, batch_size=a.batch, warmup=50,
                           weight_decay=0.01)
         lg = zt.sft(model, tok, train, st_sft, self.device, seed + 1)
         self.res["stages"].append(lg.as_dict())
@@ -198,17 +242,19 @@ class ModelRun:
         zt.save_bf16(model, tok, self.dirs["sft"])
         del model
 
+        t_dpo = time.time()
         ref = zt.load_fp32(self.dirs["sft"], self.device).eval()
         g = torch.Generator().manual_seed(seed + 2)
         idx = torch.randperm(len(train), generator=g)[: a.dpo_prompts].tolist()
         dpo_probs = [train[i] for i in idx]
-        t0 = time.time()
         rejected, info = zt.sample_rejected(ref, tok, dpo_probs, self.device, seed + 3, a.max_new_tokens,
                                             batch_size=min(len(dpo_probs), 1024))
-        info["sampling_s"] = round(time.time() - t0, 1)
+        info["sampling_s"] = round(time.time() - t_dpo, 1)
         policy = zt.load_fp32(self.dirs["sft"], self.device)
-        st_dpo = zt.Stage(steps=a.dpo_steps, seconds=0.15 * T, lr=a.dpo_lr, batch_size=max(a.batch // 2, 4),
-                          warmup=10, min_lr_ratio=0.1, beta=0.1, nll_weight=0.2)
+        # The DPO share includes the sampling of the rejected completions.
+        st_dpo = zt.Stage(steps=a.dpo_steps, seconds=max(fr["dpo"] * T - (time.time() - t_dpo), 0.3 * fr["dpo"] * T),
+                          lr=a.dpo_lr, batch_size=max(a.batch // 2, 4), warmup=10, min_lr_ratio=0.1, beta=0.1,
+                          nll_weight=0.2)
         lg = zt.dpo(policy, ref, tok, dpo_probs, rejected, st_dpo, self.device, seed + 4)
         lg.extra.update(info)
         self.res["stages"].append(lg.as_dict())
@@ -217,6 +263,36 @@ class ModelRun:
         del policy, ref
         self.res["zero_updates_sft_to_dpo"] = zt.zero_update_fraction(self.dirs["sft"], self.dirs["dpo"])
         log(f"zero updates SFT->DPO: {self.res['zero_updates_sft_to_dpo']}")
+        self.save()
+
+        self.final, self.base = "dpo", "sft"  # fallback if RL is off or fails
+        if a.rl_seconds_share > 0 and fr["rl"] > 0:
+            try:
+                policy = zt.load_fp32(self.dirs["dpo"], self.device)
+                ref = zt.load_fp32(self.dirs["dpo"], self.device).eval() if a.rl_kl > 0 else None
+                rc = zt.RLConfig(seconds=fr["rl"] * T, lr=a.rl_lr, prompts_per_rollout=a.rl_prompts, k=a.rl_k,
+                                 updates=a.rl_updates, kl_coef=a.rl_kl, max_new_tokens=a.max_new_tokens)
+                rl_probs = [train[i] for i in torch.randperm(len(train), generator=g)[: 4096].tolist()]
+                lg = zt.rl(policy, tok, rl_probs, rc, self.device, seed + 5, ref_model=ref)
+                self.res["stages"].append(lg.as_dict())
+                log(f"rl {lg.steps} steps ({lg.extra['rollouts']} rollouts) {lg.seconds:.0f}s reward "
+                    f"{lg.extra['reward_mean_first']} -> {lg.extra['reward_mean_last']}")
+                zt.save_bf16(policy, tok, self.dirs["rl"])
+                del policy, ref
+                z = zt.zero_update_fraction(self.dirs["dpo"], self.dirs["rl"])
+                self.res["zero_updates_dpo_to_rl"] = z
+                log(f"zero updates DPO->RL: {z}")
+                if z["linear_zero_fraction"] < 1.0:
+                    self.final, self.base = "rl", "dpo"
+                else:  # every group had equal rewards (e.g. a toy model that solves nothing)
+                    self.res["errors"].append("rl: no weight changed (no group with mixed rewards); "
+                                              "the DPO model is quantized, signals SFT->DPO")
+                    log(self.res["errors"][-1])
+            except Exception as e:  # noqa: BLE001  (the DPO model is still a result)
+                self.res["errors"].append(f"rl: {type(e).__name__}: {e}"[:500])
+                traceback.print_exc()
+        self.res["quantized_model"] = self.final
+        self.res["signal_pair"] = f"{self.base}->{self.final}"
         self.train_problems = train
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -224,49 +300,73 @@ class ModelRun:
 
     # -------------------------------------------------------------- rows
 
-    def add_row(self, label: str, bits: int, ev: dict | None, extra: dict | None = None,
+    def add_row(self, label: str, setting: str | None, ev: dict | None, extra: dict | None = None,
                 error: str | None = None) -> None:
-        row = {"method": label, "bits": bits, **(ev or {}), **(extra or {})}
+        bits, g = parse_setting(setting) if setting else (16, None)
+        row = {"method": label, "bits": bits, "group_size": g, "setting": setting, **(ev or {}), **(extra or {})}
+        name = f"{label} {setting_label(setting) if setting else ''}".strip()
         if error:
             row["error"] = error
-            self.res["errors"].append(f"{label} W{bits}: {error}")
+            self.res["errors"].append(f"{name}: {error}")
         self.res["rows"].append(row)
         self.save()
         if ev:
-            log(f"{label:24s} W{bits:<2d} avg {100 * ev['avg']:.1f}  " +
+            log(f"{name:40s} avg {100 * ev['avg']:.1f}  " +
                 " ".join(f"{f} {100 * ev['acc'][f]:.0f}" for f in FAMILY_ORDER) + f"  (eval {ev['eval_s']}s)")
         else:
-            log(f"{label} W{bits} FAILED: {error}")
+            log(f"{name} FAILED: {error}")
 
     def evaluate(self, d) -> dict:
-        return evaluate_model(d, self.tests, self.device, self.args.max_new_tokens)
+        t0 = time.time()
+        ev = evaluate_model(d, self.tests, self.device, self.args.max_new_tokens)
+        self.est["eval"] = time.time() - t0
+        return ev
 
-    def signals(self) -> None:
+    def skip(self, what: str, need: float) -> None:
+        self.res["skipped"].append(f"{what} (deadline)")
+        log(f"skip {what}: {self.clock.left():.0f}s left, needs ~{need:.0f}s")
+        self.save()
+
+    def signals(self, base: str, tuned: str) -> Path:
         from quantlrm.signals import compute_signals, save_signals
 
         t0 = time.time()
-        sig = compute_signals(self.dirs["sft"], self.dirs["dpo"], variant="both-ends", device=self.device,
+        sig = compute_signals(self.dirs[base], self.dirs[tuned], variant="both-ends", device=self.device,
                               progress=False)
-        self.sig_dir = self.work / "signals"
-        save_signals(sig, self.sig_dir)
+        d = self.work / f"signals-{base}-{tuned}"
+        save_signals(sig, d)
         st = {k: v for k, v in sig.stats.items() if k != "modules"}
-        self.res["signals"] = {"seconds": round(time.time() - t0, 2), **_jsonable(st)}
-        log(f"signals in {time.time() - t0:.1f}s: {self.res['signals']}")
+        self.res.setdefault("signals", {})[f"{base}->{tuned}"] = {"seconds": round(time.time() - t0, 2),
+                                                                  **_jsonable(st)}
+        log(f"signals {base}->{tuned} in {time.time() - t0:.1f}s")
         self.save()
+        return d
 
-    def quantize_ours(self, label: str, opts: dict, bits: int, out: Path, signals: Path | None = None) -> dict:
+    def signal_dir(self, which: str) -> Path:
+        """'main' = the quantized model's pair; 'prev' = the pair before it (SFT->DPO)."""
+        pair = (self.base, self.final) if which == "main" else ("sft", "dpo")
+        if pair not in self.sig_dirs:
+            try:
+                self.sig_dirs[pair] = self.signals(*pair)
+            except Exception as e:  # noqa: BLE001
+                self.res["errors"].append(f"signals {pair}: {type(e).__name__}: {e}"[:500])
+                traceback.print_exc()
+                self.sig_dirs[pair] = None
+        d = self.sig_dirs[pair]
+        if d is None:
+            raise RuntimeError(f"no {which} signals")
+        return d
+
+    def quantize_ours(self, opts: dict, bits: int, group: int, out: Path, signals: Path | None = None) -> dict:
         from quantlrm.pipeline import QuantizeOptions, quantize_model
 
         fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
-        kw = dict(model=str(self.dirs["dpo"]), out=str(out), bits=bits, group_size=self.args.group_size,
+        kw = dict(model=str(self.dirs[self.final]), out=str(out), bits=bits, group_size=group,
                   device=self.device, calib="builtin", calib_samples=self.args.calib_samples,
                   calib_seqlen=self.args.seqlen_calib)
-        kw.update(opts)
+        kw.update({k: v for k, v in opts.items() if k != "signals"})
         if kw.get("method") == "quantlrm":
-            kw["signals"] = str(signals or self.sig_dir)
-        for alias_from, alias_to in _OPTION_ALIASES.items():
-            if alias_from in kw and alias_from not in fields and alias_to in fields:
-                kw[alias_to] = kw.pop(alias_from)
+            kw["signals"] = str(signals or self.signal_dir(opts.get("signals", "main")))
         unknown = sorted(set(kw) - fields)
         if unknown:
             raise RuntimeError(f"QuantizeOptions has no field(s) {unknown}")
@@ -276,44 +376,44 @@ class ModelRun:
         quantize_model(QuantizeOptions(**kw))
         return {"quant_s": round(time.time() - t0, 1)}
 
-    def quantize_llmc(self, method: str, bits: int, out: Path) -> dict:
+    def quantize_llmc(self, method: str, bits: int, group: int, out: Path) -> dict:
         from llmc_baseline import llmc_quantize
         from transformers import AutoTokenizer
 
         from quantlrm.calib import load_calibration
 
-        tok = AutoTokenizer.from_pretrained(self.dirs["dpo"])
+        tok = AutoTokenizer.from_pretrained(self.dirs[self.final])
         calib = load_calibration(tok, "builtin", samples=self.args.calib_samples, seqlen=self.args.seqlen_calib)
-        info = llmc_quantize(self.dirs["dpo"], out, method, bits, self.args.group_size,
-                             calib.input_ids.tolist(), self.device)
+        info = llmc_quantize(self.dirs[self.final], out, method, bits, group, calib.input_ids.tolist(), self.device)
         return {"quant_s": info["seconds"], "peak_gpu_gb": info["peak_gpu_gb"]}
 
-    def run_method(self, label: str, kind: str, opts: dict, bits: int) -> None:
-        est = self.est.get(kind, 30.0)
+    def run_method(self, key: str, setting: str) -> None:
+        label, kind, opts = METHODS[key]
+        est_key = "ours" if kind == "ours" else opts["method"]
+        est = self.guess(est_key) + (self.guess("eval") if est_key not in self.est else 0)
+        bits, group = parse_setting(setting)
         if not self.clock.fits(est + 5):
-            self.res["skipped"].append(f"{label} W{bits} (deadline)")
-            log(f"skip {label} W{bits}: {self.clock.left():.0f}s left, needs ~{est:.0f}s")
-            self.save()
+            self.skip(f"{label} {setting_label(setting)}", est)
             return
-        out = self.work / f"q-{label.replace(' ', '_').replace('(', '').replace(')', '')}-w{bits}"
+        out = self.work / f"q-{key}-{setting}"
         t0 = time.time()
         try:
             if kind == "llmc":
                 if not _llmc_available():
                     raise RuntimeError("llmcompressor is not importable here")
-                extra = self.quantize_llmc(opts["method"], bits, out)
+                extra = self.quantize_llmc(opts["method"], bits, group, out)
             else:
-                extra = self.quantize_ours(label, opts, bits, out)
+                extra = self.quantize_ours(opts, bits, group, out)
             ev = self.evaluate(out)
-            self.add_row(label, bits, ev, extra)
+            self.add_row(label, setting, ev, extra)
         except Exception as e:  # noqa: BLE001  (one broken method must not lose the others)
-            self.add_row(label, bits, None, error=f"{type(e).__name__}: {e}"[:500])
+            self.add_row(label, setting, None, error=f"{type(e).__name__}: {e}"[:500])
             traceback.print_exc()
         finally:
             shutil.rmtree(out, ignore_errors=True)
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-        self.est[kind] = max(self.est.get(kind, 0) * 0.5, time.time() - t0)
+        self.est[est_key] = time.time() - t0
 
     # -------------------------------------------------------------- extras
 
@@ -321,17 +421,20 @@ class ModelRun:
         from quantlrm.protect import SIGNALS, ProtectOptions, paper_label, protect_model
 
         rows = []
-        self.res["protect"] = {"fraction": self.args.protect_fraction, "bits": 3, "rows": rows}
+        self.res["protect"] = {"fraction": self.args.protect_fraction, "bits": 3, "group_size": self.args.protect_group,
+                               "pair": f"{self.base}->{self.final}", "rows": rows}
         for signal in SIGNALS:
-            if not self.clock.fits(self.est.get("protect", 20.0) + 5):
-                self.res["skipped"].append(f"protect {signal} (deadline)")
+            need = self.guess("protect")
+            if not self.clock.fits(need + 5):
+                self.skip(f"protect {signal}", need)
                 continue
             out = self.work / f"protect-{signal}"
             t0 = time.time()
             try:
                 protect_model(ProtectOptions(
-                    model=str(self.dirs["dpo"]), out=str(out), signal=signal, fraction=self.args.protect_fraction,
-                    bits=3, group_size=self.args.group_size, base=str(self.dirs["sft"]), device=self.device, calib="builtin",
+                    model=str(self.dirs[self.final]), out=str(out), signal=signal,
+                    fraction=self.args.protect_fraction, bits=3, group_size=self.args.protect_group,
+                    base=str(self.dirs[self.base]), device=self.device, calib="builtin",
                     calib_samples=self.args.calib_samples, calib_seqlen=self.args.seqlen_calib, progress=False))
                 ev = self.evaluate(out)
                 rows.append({"signal": signal, "label": paper_label(signal), **ev})
@@ -348,18 +451,24 @@ class ModelRun:
         from quantlrm.finetune import FinetuneOptions, finetune
 
         a = self.args
+        steps = sorted(set(a.pft_snapshots))
+        need = 0.15 * steps[-1] * self.size_factor() ** 0.5 + 2 * self.guess("ours")
+        if not self.clock.fits(need + 5):
+            self.skip("pseudo-fine-tuning curve", need)
+            return
         data = self.work / "pseudo_sft.jsonl"
         probs = self.train_problems[-a.pft_examples:]
         data.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.cot}) + "\n" for p in probs))
         out = self.work / "pseudo-ft"
-        steps = sorted(set(a.pft_snapshots))
-        curve = {"steps": [], "avg": [], "acc": [], "snapshots": steps, "lr": a.pft_lr}
+        curve = {"steps": [], "avg": [], "acc": [], "correct": [], "snapshots": steps, "lr": a.pft_lr,
+                 "model": self.final, "setting": "w3g128"}
         self.res["finetune_curve"] = curve
         t0 = time.time()
         try:
-            finetune(FinetuneOptions(model=str(self.dirs["dpo"]), data=str(data), out=str(out), steps=steps[-1],
-                                     snapshot_steps=steps, lr=a.pft_lr, batch_size=16, grad_accum=1, max_len=320,
-                                     device=self.device, template="raw", seed=0, progress=False))
+            finetune(FinetuneOptions(model=str(self.dirs[self.final]), data=str(data), out=str(out),
+                                     steps=steps[-1], snapshot_steps=steps, lr=a.pft_lr, batch_size=16, grad_accum=1,
+                                     max_len=320, device=self.device, template="raw", seed=0, progress=False,
+                                     save_state=False))
         except Exception as e:  # noqa: BLE001
             curve["error"] = f"finetune: {type(e).__name__}: {e}"[:500]
             traceback.print_exc()
@@ -368,70 +477,77 @@ class ModelRun:
         curve["finetune_s"] = round(time.time() - t0, 1)
         log(f"pseudo-fine-tuning {steps[-1]} steps in {curve['finetune_s']}s")
         for k in steps:
-            if not self.clock.fits(self.est.get("ours", 20.0) + 5):
-                self.res["skipped"].append(f"pseudo-ft step {k} (deadline)")
+            need = self.guess("ours") + self.guess("eval")
+            if not self.clock.fits(need + 5):
+                self.skip(f"pseudo-ft step {k}", need)
                 continue
             q = self.work / f"q-pft-{k}"
+            t1 = time.time()
             try:
-                self.quantize_ours("QuantLRM", dict(method="quantlrm"), 3, q, signals=out / f"step-{k}")
+                self.quantize_ours(dict(method="quantlrm"), 3, 128, q, signals=out / f"step-{k}")
                 ev = self.evaluate(q)
                 curve["steps"].append(k)
                 curve["avg"].append(ev["avg"])
                 curve["acc"].append(ev["acc"])
+                curve["correct"].append(ev["correct"])
                 log(f"pseudo-ft step {k}: W3 QuantLRM avg {100 * ev['avg']:.1f}")
             except Exception as e:  # noqa: BLE001
                 curve.setdefault("errors", []).append(f"step {k}: {type(e).__name__}: {e}"[:300])
                 traceback.print_exc()
             finally:
                 shutil.rmtree(q, ignore_errors=True)
+            self.est["ours"] = time.time() - t1 - self.est.get("eval", 0)
             self.save()
-        base = {r["method"]: 100 * r["avg"] for r in self.res["rows"] if r.get("bits") == 3 and "avg" in r}
-        lines = {k: base[k] for k in ("AWQ", "GPTQ (llm-compressor)", "RTN") if k in base}
+        base = {r["method"]: 100 * r["avg"] for r in self.res["rows"] if r.get("setting") == "w3g128" and "avg" in r}
+        lines = {k: base[k] for k in ("AWQ (ours)", "GPTQ (llm-compressor)", "RTN", "QuantLRM") if k in base}
         if len(curve["steps"]) >= 2:
             from quantlrm.plots import plot_snapshot_curve
 
             fig = plot_snapshot_curve(curve["steps"], [100 * x for x in curve["avg"]], lines,
                                       Path(a.out) / "zoo_fig3.png",
-                                      title=f"W3 QuantLRM, pseudo-fine-tuning signals ({self.name})")
+                                      title=f"W3 g128 QuantLRM, pseudo-fine-tuning signals ({self.name})")
             curve["trend"] = {"slope": fig["slope"], "intercept": fig["intercept"]}
         self.save()
 
+    def extras(self) -> None:
+        if self.args.pft_snapshots:
+            self.finetune_curve()
+        if self.args.protect_fraction > 0:
+            self.protect_table()
+
     # -------------------------------------------------------------- all
 
-    def run(self) -> None:
+    def plan(self) -> list[tuple[str, str] | str]:
+        """(method key, setting) rows in priority order, with 'extras' where they belong."""
         a = self.args
-        self.est: dict[str, float] = {}
+        items: list[tuple[str, str] | str] = []
+        blocks = ([(s, a.main_methods) for s in a.full_settings] + [(s, a.hard_methods) for s in a.hard_settings]
+                  + [(s, a.option_methods) for s in a.option_settings])
+        for s, keys in blocks:
+            items += [(k, s) for k in keys if f"{k}@{s}" not in a.skip and (k, s) not in items]
+            if a.run_extras and a.extras_after == s and "extras" not in items:
+                items.append("extras")
+        if a.run_extras and "extras" not in items:
+            items.append("extras")
+        return items
+
+    def run(self) -> None:
         self.train()
-        ev = self.evaluate(self.dirs["sft"])
-        self.res["sft_16bit"] = ev
-        log(f"SFT model 16-bit avg {100 * ev['avg']:.1f} {ev['acc']}")
-        self.add_row("16-bit", 16, self.evaluate(self.dirs["dpo"]))
-        try:
-            self.signals()
-        except Exception as e:  # noqa: BLE001
-            self.res["errors"].append(f"signals: {type(e).__name__}: {e}"[:500])
-            traceback.print_exc()
-            self.sig_dir = None
-        for bits in a.bits:
-            for label, kind, opts in METHODS:
-                if a.methods is not None and label not in a.methods:
-                    continue
-                if bits != a.bits[0] and label in a.first_bits_only:
-                    continue
-                if opts.get("method") == "quantlrm" and self.sig_dir is None:
-                    self.add_row(label, bits, None, error="no signals")
-                    continue
-                self.run_method(label, kind, opts, bits)
-        if a.extras:
-            if a.protect_fraction > 0 and self.sig_dir is not None:
-                self.protect_table()
-            if a.pft_snapshots:
-                self.finetune_curve()
+        for stage in ("sft", "dpo", "rl"):
+            if stage == self.final:
+                break
+            if not self.clock.fits(self.guess("eval") + 60):
+                self.skip(f"16-bit {stage.upper()}", self.guess("eval"))
+                continue
+            self.add_row(f"16-bit {stage.upper()}", None, self.evaluate(self.dirs[stage]), {"stage": stage})
+        self.add_row("16-bit", None, self.evaluate(self.dirs[self.final]), {"stage": self.final})
+        for item in self.plan():
+            if item == "extras":
+                self.extras()
+            else:
+                self.run_method(*item)
         self.res["finished"] = time.strftime("%H:%M:%S")
         self.save()
-
-
-_OPTION_ALIASES: dict[str, str] = {}
 
 
 def _jsonable(x):
@@ -465,62 +581,94 @@ def _label(f: str) -> str:
     return FAMILIES[f].label
 
 
+def _zero(r: dict, key: str) -> str:
+    z = r.get(key)
+    return f"{100 * z['linear_zero_fraction']:.1f}%" if z else "n/a"
+
+
+def _settings_in(rows: list[dict]) -> list[str | None]:
+    return list(dict.fromkeys(x.get("setting") for x in rows))
+
+
 def markdown(results: list[dict]) -> str:
-    """Tables in the paper's layout: accuracy per task, average, % of 16-bit retained."""
+    """Tables in the paper's layout (accuracy per task, average, % of 16-bit retained), per
+    setting; then W3 QuantLRM against each baseline, paired on the same questions (McNemar)."""
+    import zoo_stats
+
     out = []
     for r in results:
-        z = r.get("zero_updates_sft_to_dpo", {})
+        order = tuple(r.get("task_order", FAMILY_ORDER))
         out.append(f"### {r['model']} ({r.get('params_m', '?')}M parameters, {r['spec']['model_type']})\n")
         stages = ", ".join(f"{s['name']} {s['steps']} steps ({s['seconds']}s, loss {s['loss_last']:.3f})"
                            for s in r.get("stages", []) if s.get("loss_last") is not None)
-        out.append(f"Training: {stages}. Exact-zero updates SFT->DPO (bf16): "
-                   f"{100 * z.get('linear_zero_fraction', float('nan')):.1f}% of linear weights.")
-        if "sft_16bit" in r:
-            out.append(f" SFT model (16-bit) average: {100 * r['sft_16bit']['avg']:.1f}%.")
-        out.append("\n")
+        out.append(f"Training: {stages}.")
+        rl = next((s for s in r.get("stages", []) if s["name"] == "rl"), None)
+        if rl:
+            out.append(f"RL: {rl.get('rollouts')} rollouts of {rl.get('prompts_per_rollout')} prompts x "
+                       f"{rl.get('k')} samples, {rl['steps']} updates, reward mean "
+                       f"{rl.get('reward_mean_first')} -> {rl.get('reward_mean_last')}.")
+        out.append(f"Exact-zero updates of linear weights (bf16): SFT->DPO {_zero(r, 'zero_updates_sft_to_dpo')}, "
+                   f"DPO->RL {_zero(r, 'zero_updates_dpo_to_rl')}. Quantized model: "
+                   f"{r.get('quantized_model', '?')}; QuantLRM signals from {r.get('signal_pair', '?')}.\n")
         rows = r.get("rows", [])
-        ref = next((x["avg"] for x in rows if x.get("bits") == 16 and "avg" in x), None)
-        head = ["Method", "Bits"] + [_label(f) for f in FAMILY_ORDER] + ["Avg", "% of 16-bit", "quantize s"]
+        ref = next((x["avg"] for x in rows if x["method"] == "16-bit" and "avg" in x), None)
+        head = ["Method", "Setting"] + [_label(f) for f in order] + ["Avg", "% of 16-bit", "quantize s"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
-        for bits in sorted({x["bits"] for x in rows}, key=lambda b: (b != 16, b)):
-            for x in (x for x in rows if x["bits"] == bits):
+        for s in _settings_in(rows):
+            group = [x for x in rows if x.get("setting") == s]
+            best = max((y["avg"] for y in group if "avg" in y), default=None)
+            for x in group:
+                name = setting_label(s) if s else "16"
                 if "avg" not in x:
-                    cells = [x["method"], f"W{bits}"] + ["-"] * len(FAMILY_ORDER) + ["failed", "", ""]
+                    cells = [x["method"], name] + ["-"] * len(order) + ["failed", "", ""]
                 else:
-                    best = max((y["avg"] for y in rows if y["bits"] == bits and "avg" in y), default=None)
                     avg = f"{100 * x['avg']:.2f}"
-                    if bits != 16 and best is not None and x["avg"] == best:
+                    if s is not None and x["avg"] == best:
                         avg = f"**{avg}**"
-                    cells = [x["method"], "16" if bits == 16 else f"W{bits}"]
-                    cells += [f"{100 * x['acc'][f]:.1f}" for f in FAMILY_ORDER]
+                    cells = [x["method"], name] + [f"{100 * x['acc'][f]:.1f}" for f in order]
                     cells += [avg, f"{100 * x['avg'] / ref:.1f}" if ref else "", str(x.get("quant_s", ""))]
                 out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+        n = next((x.get("n_per_task") for x in rows if x.get("n_per_task")), None)
+        out.append(f"\n{n} questions per task, {None if n is None else n * len(order)} per row.\n")
+        cmp_ = zoo_stats.compare_rows(rows, order, "QuantLRM", BASELINES)
+        if cmp_:
+            out.append("W3/W4 QuantLRM against each baseline on the same questions (b = only QuantLRM right, "
+                       "c = only the baseline right; exact two-sided McNemar p):\n")
+            out.append("| Setting | Baseline | QuantLRM avg | Baseline avg | Diff (points) | b | c | p |")
+            out.append("|---|---|---|---|---|---|---|---|")
+            for c in cmp_:
+                out.append(f"| {setting_label(c['setting'])} | {c['baseline']} | {c['method_avg']:.2f} | "
+                           f"{c['baseline_avg']:.2f} | {c['diff_points']:+.2f} | {c['b']} | {c['c']} | "
+                           f"{c['p']:.3g} |")
+            out.append("")
         if r.get("errors"):
             out.append("Failures: " + "; ".join(r["errors"]) + "\n")
         if r.get("skipped"):
             out.append("Skipped (deadline): " + ", ".join(r["skipped"]) + "\n")
+        c = r.get("finetune_curve")
+        if c and c.get("steps"):
+            out.append(f"Pseudo-fine-tuning (W3 g128 QuantLRM of the {c.get('model', '?')} model with signals from "
+                       f"SFT steps), {r['model']}: "
+                       + ", ".join(f"step {k}: {100 * v:.1f}" for k, v in zip(c["steps"], c["avg"], strict=True))
+                       + (f"; trend slope {100 * c['trend']['slope']:.3f} points/step" if "trend" in c else "")
+                       + "\n")
+        elif c and c.get("error"):
+            out.append(f"Pseudo-fine-tuning failed: {c['error']}\n")
         p = r.get("protect")
         if p and p.get("rows"):
-            out.append(f"Protection table (W3 RTN, top {100 * p['fraction']:.0f}% input channels kept in 16 bits), "
-                       f"{r['model']}:\n")
-            head = ["Protection signal"] + [_label(f) for f in FAMILY_ORDER] + ["Avg"]
+            out.append(f"Protection table (W3 g{p.get('group_size', 128)} RTN, top {100 * p['fraction']:.0f}% input "
+                       f"channels kept in 16 bits, signals from {p.get('pair', '?')}), {r['model']}:\n")
+            head = ["Protection signal"] + [_label(f) for f in order] + ["Avg"]
             out.append("| " + " | ".join(head) + " |")
             out.append("|" + "---|" * len(head))
             for x in p["rows"]:
                 if "avg" in x:
-                    out.append("| " + " | ".join([x["label"]] + [f"{100 * x['acc'][f]:.1f}" for f in FAMILY_ORDER]
+                    out.append("| " + " | ".join([x["label"]] + [f"{100 * x['acc'][f]:.1f}" for f in order]
                                                  + [f"{100 * x['avg']:.2f}"]) + " |")
                 else:
                     out.append(f"| {x['signal']} | failed: {x['error'][:80]} |")
             out.append("")
-        c = r.get("finetune_curve")
-        if c and c.get("steps"):
-            out.append(f"Pseudo-fine-tuning (W3 QuantLRM of the DPO model with signals from SFT steps), {r['model']}: "
-                       + ", ".join(f"step {k}: {100 * v:.1f}" for k, v in zip(c["steps"], c["avg"], strict=True))
-                       + (f"; trend slope {100 * c['trend']['slope']:.3f} points/step" if "trend" in c else "")
-                       + "\n")
     return "\n".join(out) + "\n"
 
 
@@ -530,40 +678,64 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bits_list = [3, 4]
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4), dpi=110, squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
         rows = [x for x in r.get("rows", []) if "avg" in x]
-        ref = next((x["avg"] for x in rows if x["bits"] == 16), None)
-        methods = list(dict.fromkeys(x["method"] for x in rows if x["bits"] != 16))
+        ref = next((x["avg"] for x in rows if x["method"] == "16-bit"), None)
+        settings = [s for s in _settings_in(rows) if s is not None]
+        methods = list(dict.fromkeys(x["method"] for x in rows if x.get("setting") is not None))
         w = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):
-            ys = [next((100 * x["avg"] for x in rows if x["method"] == m and x["bits"] == b), 0) for b in bits_list]
-            ax.bar([j + i * w for j in range(len(bits_list))], ys, w, label=m)
+            ys = [next((100 * x["avg"] for x in rows if x["method"] == m and x.get("setting") == s), 0)
+                  for s in settings]
+            ax.bar([j + i * w for j in range(len(settings))], ys, w, label=m)
         if ref is not None:
             ax.axhline(100 * ref, color="k", linestyle="--", label="16-bit")
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(bits_list))], [f"W{b} g128" for b in bits_list])
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(settings))], [setting_label(s) for s in settings])
         ax.set_ylabel("average accuracy (%)")
-        ax.set_title(f"{r['model']} (DPO model, signals SFT->DPO)")
-        ax.legend(fontsize=7)
+        ax.set_title(f"{r['model']} ({r.get('quantized_model', '?')} model, signals {r.get('signal_pair', '?')})")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def report(out: Path, names: list[str]) -> None:
-    results = [json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()]
+    results = []
+    for n in names:
+        try:
+            results.append(json.loads((out / f"{n}.json").read_text()))
+        except (OSError, ValueError):
+            traceback.print_exc()
     if not results:
         return
-    (out / "zoo.md").write_text(markdown(results))
+    try:
+        (out / "zoo.md").write_text(markdown(results))
+        print((out / "zoo.md").read_text(), flush=True)
+    except Exception:  # noqa: BLE001  (the JSON files are the results; the report is a view)
+        traceback.print_exc()
     try:
         plot(results, out / "zoo.png")
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    print((out / "zoo.md").read_text(), flush=True)
 
 
 # ------------------------------------------------------------------ main
+
+
+def _keys(s: str) -> list[str]:
+    keys = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [k for k in keys if k not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown method key(s) {bad}; known: {', '.join(METHODS)}")
+    return keys
+
+
+def _settings(s: str) -> list[str]:
+    out = [x.strip().lower() for x in s.split(",") if x.strip()]
+    for x in out:
+        parse_setting(x)
+    return out
 
 
 def parse_args(argv=None):
@@ -573,32 +745,47 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="llama-30m,qwen3-60m")
     ap.add_argument("--toy", action="store_true", help="CPU smoke-test sizes and step counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--budget", type=float, default=540, help="seconds for the whole run")
-    ap.add_argument("--deadline", type=float, default=None, help="(internal) absolute end time")
+    ap.add_argument("--budget", type=float, default=525, help="seconds for the whole run, report included")
+    ap.add_argument("--deadline", type=float, default=None, help="(internal) absolute end time of a child")
     ap.add_argument("--serial", action="store_true", help="models one after the other, not in parallel")
-    ap.add_argument("--train-seconds", type=float, default=150)
-    ap.add_argument("--pt-steps", type=int, default=20000)
-    ap.add_argument("--sft-steps", type=int, default=10000)
-    ap.add_argument("--dpo-steps", type=int, default=1000)
+    ap.add_argument("--train-seconds", type=float, default=180, help="all four training stages together")
+    ap.add_argument("--stage-shares", type=float, nargs=4, default=[0.5, 0.2, 0.12, 0.18],
+                    metavar=("PT", "SFT", "DPO", "RL"), help="shares of --train-seconds per stage")
+    ap.add_argument("--min-eval-seconds", type=float, default=150,
+                    help="training is shortened so that at least this much is left for the rows")
+    ap.add_argument("--pt-steps", type=int, default=100000)
+    ap.add_argument("--sft-steps", type=int, default=100000)
+    ap.add_argument("--dpo-steps", type=int, default=100000)
     ap.add_argument("--dpo-lr", type=float, default=1e-5)
+    ap.add_argument("--rl-seconds-share", type=float, default=1.0, help="0 turns the RL stage off")
+    ap.add_argument("--rl-lr", type=float, default=5e-6)
+    ap.add_argument("--rl-k", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--rl-prompts", type=int, default=64, help="prompts per rollout")
+    ap.add_argument("--rl-updates", type=int, default=4, help="optimizer steps per rollout (minibatches)")
+    ap.add_argument("--rl-kl", type=float, default=0.0, help="k3 KL coefficient to the DPO model")
     ap.add_argument("--batch", type=int, default=64, help="SFT batch (DPO: half as many pairs)")
     ap.add_argument("--pt-batch", type=int, default=128, help="pre-training batch (packed blocks)")
     ap.add_argument("--seqlen", type=int, default=256, help="pre-training block length")
-    ap.add_argument("--level", type=int, default=2, help="task difficulty (quantlrm.demo.tasks)")
+    ap.add_argument("--level", type=int, default=1, help="task difficulty (quantlrm.demo.tasks)")
     ap.add_argument("--train-per-task", type=int, default=20000)
-    ap.add_argument("--test-per-task", type=int, default=250)
+    ap.add_argument("--test-per-task", type=int, default=500)
     ap.add_argument("--dpo-prompts", type=int, default=2048)
     ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--full-settings", default="w3g128,w4g128", help="settings where every main method runs")
+    ap.add_argument("--main-methods", default="rtn,awq,quantlrm,gptq-llmc,awq-llmc")
+    ap.add_argument("--hard-settings", default="w3pc,w2g128", help="harder settings (comma list, '' for none)")
+    ap.add_argument("--hard-methods", default="rtn,awq,quantlrm,gptq-llmc")
+    ap.add_argument("--option-settings", default="w3g128")
+    ap.add_argument("--option-methods", default="quantlrm-act,quantlrm-mean,quantlrm-prev")
+    ap.add_argument("--skip", default="", help="comma list of key@setting rows to leave out, e.g. awq-llmc@w4g128")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--seqlen-calib", type=int, default=512)
-    ap.add_argument("--methods", default=None, help="comma list of method labels to run (default: all)")
-    ap.add_argument("--first-bits-only", default="QuantLRM (group mean),QuantLRM (act factor)",
-                    help="methods run at the first bit width only (comma list)")
-    ap.add_argument("--extras", default="first", help="'first' model, 'all', or 'none': protect table + Fig. 3")
+    ap.add_argument("--extras", default="none", help="'first' model, 'all', or 'none': Fig. 3 + protect table")
+    ap.add_argument("--extras-after", default="", help="run the extras right after this setting's rows "
+                    "(default: last)")
     ap.add_argument("--protect-fraction", type=float, default=0.05)
-    ap.add_argument("--pft-snapshots", type=int, nargs="*", default=[10, 25, 50, 100, 200])
+    ap.add_argument("--protect-group", type=int, default=128)
+    ap.add_argument("--pft-snapshots", type=int, nargs="*", default=[10, 25, 50, 100])
     ap.add_argument("--pft-lr", type=float, default=1e-5)
     ap.add_argument("--pft-examples", type=int, default=4000)
     a = ap.parse_args(argv)
@@ -606,13 +793,21 @@ def parse_args(argv=None):
         if a.models == "llama-30m,qwen3-60m":
             a.models = "toy-llama,toy-qwen3"
         a.train_seconds = min(a.train_seconds, 60)
+        a.min_eval_seconds = min(a.min_eval_seconds, 60)
         a.pt_steps, a.sft_steps, a.dpo_steps = min(a.pt_steps, 40), min(a.sft_steps, 40), min(a.dpo_steps, 10)
         a.pt_batch = 8
         a.batch, a.seqlen, a.train_per_task, a.test_per_task, a.dpo_prompts = 8, 128, 200, 8, 32
+        a.rl_prompts, a.rl_k = 4, 4
         a.calib_samples, a.seqlen_calib, a.max_new_tokens, a.pft_examples = 8, 128, 100, 64
         a.pft_snapshots = [2, 4]
-    a.methods = None if a.methods is None else [x for x in a.methods.split(",") if x]
-    a.first_bits_only = [x for x in a.first_bits_only.split(",") if x]
+    if abs(sum(a.stage_shares) - 1) > 1e-6:
+        raise SystemExit(f"--stage-shares must add up to 1, got {sum(a.stage_shares)}")
+    a.full_settings, a.hard_settings = _settings(a.full_settings), _settings(a.hard_settings)
+    a.option_settings = _settings(a.option_settings)
+    a.main_methods, a.hard_methods = _keys(a.main_methods), _keys(a.hard_methods)
+    a.option_methods = _keys(a.option_methods)
+    a.skip = [x.strip().lower() for x in a.skip.split(",") if x.strip()]
+    a.extras_after = a.extras_after.strip().lower() or None
     return a
 
 
@@ -625,32 +820,39 @@ def main(argv=None) -> None:
     for n in names:
         if n not in MODELS:
             sys.exit(f"unknown model {n!r}; known: {', '.join(MODELS)}")
-    deadline = a.deadline or time.time() + a.budget
-    if len(names) == 1 or a.serial:
+    if a.deadline is not None:  # a child: one model (or several in series), results as JSON
+        first = os.environ.get("ZOO_FIRST", "1") == "1"
         for i, n in enumerate(names):
             os.environ["ZOO_TAG"] = n
             b = argparse.Namespace(**vars(a))
-            b.extras = a.extras == "all" or (a.extras == "first" and i == 0 and os.environ.get("ZOO_FIRST", "1") == "1")
+            b.run_extras = a.extras == "all" or (a.extras == "first" and i == 0 and first)
             try:
-                ModelRun(n, b, Clock(deadline - 5)).run()
+                ModelRun(n, b, Clock(a.deadline - 5)).run()
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
-        if a.deadline is None:
-            report(out, names)
         return
-    # Parallel: one child process per model on the same device.
+    # The parent: children do the work (one per model, or one for all with --serial); the
+    # parent kills any child still running 10 s after the deadline and always writes the report.
+    t_start = time.time()
+    deadline = t_start + a.budget - 15
+    groups = [names] if a.serial else [[n] for n in names]
+    argv = list(sys.argv[1:] if argv is None else argv)
     procs = []
-    for i, n in enumerate(names):
-        env = dict(os.environ, ZOO_TAG=n, ZOO_FIRST="1" if i == 0 else "0", TQDM_DISABLE="1",
-                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // len(names))))
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--models", n, "--deadline", str(deadline)]
+    for i, grp in enumerate(groups):
+        env = dict(os.environ, ZOO_TAG=",".join(grp), ZOO_FIRST="1" if i == 0 else "0", TQDM_DISABLE="1",
+                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // len(groups))))
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--models", ",".join(grp),
+               "--deadline", str(deadline)]
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     for p in procs:
         try:
             p.wait(timeout=max(deadline - time.time() + 10, 1))
         except subprocess.TimeoutExpired:
+            log(f"killing child {p.pid} (past the deadline)")
             os.killpg(p.pid, 9)
+            p.wait()
     report(out, names)
+    log(f"done in {time.time() - t_start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Staged training of the zoo's small reasoning models: pre-training, SFT, DPO (GPU or CPU).
+"""Staged training of the zoo's small reasoning models: pre-training, SFT, DPO, RL (GPU or CPU).
 
 Like a real reasoning-model release, each stage starts from the previous stage's checkpoint
 as it was *saved in bf16* and is saved in bf16 again, so that a fine-tuning step smaller
@@ -11,10 +11,14 @@ exact zero updates the way released pairs do.
 - DPO: chosen = the reference trace, rejected = one of the SFT model's own sampled
   completions that the grader marks wrong (a corrupted final answer where every sample was
   right), reference model = the frozen SFT model, plus a small NLL term on the chosen
-  trace (as RPO does) so a tiny model does not unlearn its format.
+  trace (as RPO does) so a tiny model does not unlearn its format;
+- RL: GRPO-style with a verifiable reward (the eval graders' 1/0 on k sampled completions
+  per prompt, advantage = reward - group mean), as Olmo-3-Think's RLVR stage, giving the
+  DPO->RL pair.
 
-Every stage is time-boxed: after a short warm-up it measures its step rate and fits the
-cosine schedule into the seconds it was given, so the GPU command ends inside its limit.
+Every stage is time-boxed: it trains until its seconds are used (the cosine schedule's
+progress is the larger of elapsed/seconds and step/steps), so the GPU command ends inside its
+limit whatever the step rate turns out to be.
 """
 
 from __future__ import annotations
@@ -276,6 +280,168 @@ def dpo(model, ref_model, tokenizer, problems: list[Problem], rejected: list[str
 
     _run_stage(model, st, device, seed, log, batch_loss)
     log.extra["reward_accuracy_last25"] = round(torch.stack(accs[-25:]).mean().item(), 3)
+    return log
+
+
+@dataclass
+class RLConfig:
+    """GRPO-style RL with a verifiable reward (as Olmo-3-Think's RLVR, at toy scale).
+
+    Each rollout samples `k` completions per prompt at `temperature`; the reward is the eval
+    graders' 1/0; the advantage is reward minus the group mean (groups whose rewards are all
+    equal carry no signal and are dropped). The rollout is then used for `updates` optimizer
+    steps on disjoint minibatches with the PPO-clipped ratio (the first is exactly on-policy),
+    the loss averaged over each completion's tokens.
+    """
+
+    seconds: float
+    lr: float = 5e-6
+    prompts_per_rollout: int = 64
+    k: int = 8
+    updates: int = 4
+    clip: float = 0.2
+    kl_coef: float = 0.0  # k3 KL to the frozen start model (0: none, like DAPO/Olmo-3 RLVR)
+    temperature: float = 1.0
+    max_new_tokens: int = 160
+    micro_batch: int = 128
+    warmup: int = 5
+    max_rollouts: int | None = None  # a cap besides the seconds (tests)
+
+
+def _completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the labelled tokens [B, T-1] and their mask."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    lp = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask, mask
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, problems: list[Problem], k: int, temperature: float, max_new_tokens: int,
+            device: str, seed: int, reward_fn=None) -> tuple[list[tuple[list[int], int]], list[float], list[str]]:
+    """k sampled completions per problem from `model` (HF generate, KV cache, one batch).
+
+    Returns the (ids, n_prompt) examples in the training layout of `encode_pairs` (prompt
+    without BOS + completion + EOS when produced), the rewards and the texts. The reward is
+    the eval grader's 1/0 unless `reward_fn(problem, text) -> float` is given (tests).
+    """
+    from quantlrm.eval import grade
+
+    if reward_fn is None:
+        def reward_fn(p: Problem, text: str) -> float:
+            return float(grade(FAMILIES[p.family].grader, text, p.answer))
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    enc = [ids for ids in prompts for _ in range(k)]
+    width = max(len(x) for x in enc)
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in enc], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc], device=device)
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with _autocast(device):
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                             pad_token_id=pad, eos_token_id=eos)
+    model.train(was_training)
+    examples, rewards, texts = [], [], []
+    for r, row in enumerate(gen[:, width:].tolist()):
+        n = next((i for i, t in enumerate(row) if t == eos), None)
+        body = row if n is None else row[:n]
+        text = tokenizer.decode(body, skip_special_tokens=False)
+        p = problems[r // k]
+        rewards.append(float(reward_fn(p, text)))
+        texts.append(text)
+        examples.append((enc[r] + (body if n is None else body + [eos]), len(enc[r])))
+    return examples, rewards, texts
+
+
+def rl(model, tokenizer, problems: list[Problem], cfg: RLConfig, device: str, seed: int,
+       ref_model=None, reward_fn=None) -> StageLog:
+    """Time-boxed GRPO-style RL (see RLConfig). Rollouts continue until `cfg.seconds` is used,
+    never starting a rollout that the measured time of the last one says cannot finish."""
+    log = StageLog("rl", extra={"k": cfg.k, "prompts_per_rollout": cfg.prompts_per_rollout, "lr": cfg.lr,
+                                "updates_per_rollout": cfg.updates, "clip": cfg.clip, "kl_coef": cfg.kl_coef,
+                                "temperature": cfg.temperature})
+    model.to(device).train()
+    if cfg.kl_coef > 0:
+        if ref_model is None:
+            raise ValueError("kl_coef > 0 needs ref_model")
+        ref_model.to(device).eval()
+    st = Stage(steps=10**9, seconds=cfg.seconds, lr=cfg.lr)
+    opt = _optimizer(model, st, device)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+    t0 = time.perf_counter()
+    reward_means, kept_groups, gen_s, step, rollouts, last = [], [], 0.0, 0, 0, 0.0
+    while True:
+        t_roll = time.perf_counter()
+        if rollouts and ((t_roll - t0) + last > cfg.seconds or rollouts == cfg.max_rollouts):
+            break
+        batch_probs = rng.sample(problems, min(cfg.prompts_per_rollout, len(problems)))
+        ex, rewards, _ = rollout(model, tokenizer, batch_probs, cfg.k, cfg.temperature, cfg.max_new_tokens,
+                                 device, seed * 100003 + rollouts, reward_fn)
+        _sync(device)
+        gen_s += time.perf_counter() - t_roll
+        r = torch.tensor(rewards).view(-1, cfg.k)
+        reward_means.append(r.mean().item())
+        keep = (r.max(1).values > r.min(1).values)
+        kept_groups.append(int(keep.sum()))
+        adv_all = (r - r.mean(1, keepdim=True)).flatten()
+        rows = [i for i in range(len(ex)) if keep[i // cfg.k]]
+        rollouts += 1
+        if rows:
+            full = make_batch(ex, rows, pad, True)
+            full = {key: v.to(device) for key, v in full.items()}
+            adv = adv_all[rows].to(device)
+            with torch.no_grad(), _autocast(device):
+                old = torch.cat([_completion_logps(model, {key: v[i:i + cfg.micro_batch] for key, v in full.items()})[0]
+                                 for i in range(0, len(rows), cfg.micro_batch)])
+                ref = None
+                if cfg.kl_coef > 0:
+                    ref = torch.cat([_completion_logps(ref_model, {key: v[i:i + cfg.micro_batch]
+                                                                   for key, v in full.items()})[0]
+                                     for i in range(0, len(rows), cfg.micro_batch)])
+            perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + rollouts)).tolist()
+            n_up = max(1, min(cfg.updates, len(rows)))
+            for u in range(n_up):
+                mb = perm[u::n_up]
+                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+                for grp in opt.param_groups:
+                    grp["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for i in range(0, len(mb), cfg.micro_batch):
+                    sel = torch.tensor(mb[i:i + cfg.micro_batch], device=device)
+                    b = {key: v[sel] for key, v in full.items()}
+                    with _autocast(device):
+                        lp, m = _completion_logps(model, b)
+                    ratio = torch.exp(lp - old[sel])
+                    a = adv[sel].unsqueeze(1)
+                    obj = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+                    per_tok = -obj
+                    if ref is not None:
+                        d = ref[sel] - lp
+                        per_tok = per_tok + cfg.kl_coef * (torch.exp(d) - d - 1)
+                    ntok = m.sum(1).clamp(min=1)
+                    loss = ((per_tok * m).sum(1) / ntok).sum() / len(mb)
+                    loss.backward()
+                    total += loss.item()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                log.losses.append(total)
+                step += 1
+        last = time.perf_counter() - t_roll
+    _sync(device)
+    log.steps, log.seconds = step, time.perf_counter() - t0
+    model.eval()
+    log.extra.update({"rollouts": rollouts, "generate_s": round(gen_s, 1),
+                      "reward_mean_first": reward_means[0] if reward_means else None,
+                      "reward_mean_last": reward_means[-1] if reward_means else None,
+                      "reward_means": [round(x, 4) for x in reward_means],
+                      "groups_kept": kept_groups})
     return log
 
 
