@@ -43,13 +43,13 @@ def random_layout(n: int, k: int, bits: int, group: int, min_copies: int, min_by
     return out
 
 
-def grid(quick: bool):
+def grid():
     from quantlrm.kernels import Config
 
-    for bn, ch, w in itertools.product((1, 2, 4, 8, 16), (16, 32, 64, 128), (1, 2, 4, 8)):
-        per_thread = bn * ch / (32 * w)  # words held per thread per step
-        if 1 <= per_thread <= 16 and (not quick or w <= 4):
-            yield Config("gemv", block_n=bn, chunk=ch, num_warps=w)
+    for bn, w, x32 in itertools.product((4, 8, 16, 32, 64, 128), (1, 2, 4, 8), (False, True)):
+        per_thread = bn * 16 / (32 * w)  # words held per thread per step (16 words per block)
+        if 1 <= per_thread <= 32:
+            yield Config("gemv", block_n=bn, num_warps=w, x32=x32)
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
         res["fp16"][short] = dict(us=t * 1e6, gbps=nbytes / t / 1e9, frac=nbytes / t / peak)
         print(f"fp16 {short}: {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s", flush=True)
         del ws
-    configs = list(GEMV_CONFIGS) + [c for c in grid(False) if c not in GEMV_CONFIGS]
+    configs = list(GEMV_CONFIGS) + [c for c in grid() if c not in GEMV_CONFIGS]
     for bi, bits in enumerate(args.bits):
         stop = t0 + args.budget * (bi + 1) / len(args.bits)
         for short, (n, k) in SHAPES.items():
@@ -92,8 +92,8 @@ def main() -> None:
                 if time.time() > stop:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {cfg}")
                     break
-                for split in (1, 2, 4) if n / cfg.block_n < 2048 else (1,):  # few programs: try split-K
-                    c = Config("gemv", block_n=cfg.block_n, chunk=cfg.chunk, num_warps=cfg.num_warps, split_k=split)
+                for split in (1, 2, 4, 8) if n / cfg.block_n < 1024 else (1,):  # few programs: try split-K
+                    c = Config("gemv", block_n=cfg.block_n, num_warps=cfg.num_warps, x32=cfg.x32, split_k=split)
                     try:
                         t = graph_time(lambda kws=kws, x=x, c=c: [run_config(x, kw, c) for kw in kws]) / len(kws)
                     except Exception as e:  # noqa: BLE001 -- a config that does not compile is reported

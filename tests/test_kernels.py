@@ -179,8 +179,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
             ref = x.float() @ wd.t()
             cands = candidates(kw, m)
             if m == 1:  # every code path: plain, several blocks per step, split-K, the GEMM fallback
-                cands = [Config("gemv", block_n=4, chunk=16), Config("gemv", block_n=2, chunk=8),
-                         Config("gemv", block_n=8, chunk=4, split_k=3), cands[-1]]
+                cands = [Config("gemv", block_n=4), Config("gemv", block_n=2, x32=True),
+                         Config("gemv", block_n=8, split_k=3), cands[-1]]
             else:
                 cands = [cands[0], cands[1], cands[-1]]
             for c in cands:

@@ -56,13 +56,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 class Config:
     """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS).
 
-    gemv: block_n rows per program, `chunk` packed words of a row per step; gemm: block_m x block_n
+    gemv: block_n rows per program, one layout block per step, x32: activations converted to
+    fp32 once before the kernel instead of per code inside it; gemm: block_m x block_n
     tiles, one layout block per step; split_k > 1 splits the blocks of a row over programs."""
 
     kind: str
     block_m: int = 16
     block_n: int = 32
-    chunk: int = 32
+    x32: bool = False
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
@@ -70,10 +71,9 @@ class Config:
 
 # Decode (one row): measured on an H100 with benchmarks/decode.py --sweep; the tuner times these.
 GEMV_CONFIGS = (
-    Config("gemv", block_n=4, chunk=32, num_warps=1), Config("gemv", block_n=8, chunk=32, num_warps=2),
-    Config("gemv", block_n=16, chunk=32, num_warps=4), Config("gemv", block_n=4, chunk=64, num_warps=2),
-    Config("gemv", block_n=8, chunk=64, num_warps=4), Config("gemv", block_n=2, chunk=64, num_warps=1),
-    Config("gemv", block_n=16, chunk=64, num_warps=4, split_k=4),
+    Config("gemv", block_n=16, num_warps=2), Config("gemv", block_n=32, num_warps=4),
+    Config("gemv", block_n=8, num_warps=1), Config("gemv", block_n=64, num_warps=4),
+    Config("gemv", block_n=32, num_warps=4, x32=True), Config("gemv", block_n=16, num_warps=2, split_k=4),
 )
 
 
@@ -123,17 +123,18 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     if cfg.kind == "dequant":
         return x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
     nb = kw.n_blocks
-    total, step = (kw.packed.shape[1], cfg.chunk) if cfg.kind == "gemv" else (nb, 1)
-    per = tk.cdiv(tk.cdiv(total, cfg.split_k), step) * step
-    split = tk.cdiv(total, per)
+    per = tk.cdiv(nb, cfg.split_k)
+    split = tk.cdiv(nb, per)
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if split > 1
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
     if cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
-        tk._gemv_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, n, k, total, per, kw.packed.stride(0),
-                              kw.scale.stride(0), kw.group_size, P=kw.per_word, CHUNK=cfg.chunk,
-                              BLOCK_N=cfg.block_n, ATOMIC=split > 1, **common)
+        gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
+        tk._gemv_kernel[grid](x2.float() if cfg.x32 else x2, kw.packed, kw.scale, kw.zero, y, n, k, nb, per,
+                              kw.packed.stride(0), kw.scale.stride(0), P=kw.per_word,
+                              W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
+                              EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0, ATOMIC=split > 1, **common)
     else:
         grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), split)
         tk._gemm_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, m, n, k, nb, per, x2.stride(0), y.stride(0),

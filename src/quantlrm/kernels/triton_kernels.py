@@ -5,10 +5,9 @@ fp32 number 2^23 + q, so q - z is one exact subtraction of 2^23 + z and no integ
 conversion (a quarter-rate instruction on Hopper, which made the first version ALU-bound) is
 needed. Code i of the words of a block multiplies a contiguous run of W activations.
 
-- `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks CHUNK
-  consecutive words per step over its share of the row (split-K with fp32 atomics); weights are
-  read once with wide loads and dequantized in registers; scale and zero point come per word
-  from L1, so the activations' order is the only thing the block layout has to arrange.
+- `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks their
+  blocks one per step (split-K over blocks with fp32 atomics); weights are read once with wide
+  loads and dequantized in registers, one scale and zero point per row and block.
 - `_gemm_kernel` (2..N rows): tensor-core `tl.dot` on one block per step, dequantized in
   registers (words are gathered P times from L1).
 - `_dequant_kernel`: writes the dense weight, for dequantize-then-cuBLAS at large batch.
@@ -25,39 +24,56 @@ _TWO23 = tl.constexpr(8388608.0)
 
 @triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
-                 N, K, n_words, words_per_split, stride_p, stride_s, G,
+                 N, K, n_blocks, blocks_per_split, stride_p, stride_s,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                 CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+                 W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr):
+    # Every tensor in the loop has the words' layout or a slice of it: x is loaded through a
+    # [BLOCK_N, W_PAD] pointer (rows repeat the same addresses, served by L1) rather than as a
+    # vector, so the compiler needs no shared-memory layout conversion per code.
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    jj = tl.arange(0, W_PAD)
     mask_n = rows < N
-    w_begin = pid_k * words_per_split
-    w_end = tl.minimum(w_begin + words_per_split, n_words)
-    acc = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
-    for c0 in range(w_begin, w_end, CHUNK):
-        wi = c0 + tl.arange(0, CHUNK)  # word index in the row: contiguous, so loads vectorise
-        mask_w = wi < w_end
-        m2 = mask_n[:, None] & mask_w[None, :]
-        words = tl.load(p_ptr + rows[:, None] * stride_p + wi[None, :], mask=m2, other=0)
-        blk = wi // W
-        j = wi % W
-        grp = (blk * B) // G
-        s = tl.load(s_ptr + rows[:, None] * stride_s + grp[None, :], mask=m2, other=0.0).to(tl.float32)
-        zc = tl.load(z_ptr + rows[:, None] * stride_s + grp[None, :], mask=m2, other=0.0).to(tl.float32) + _TWO23
-        t = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
+    wmask = mask_n[:, None] & (jj < W)[None, :]
+    b_begin = pid_k * blocks_per_split
+    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
+    zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for blk in range(b_begin, b_end):
+        pw = p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :]
+        if EVEN_N and W == W_PAD:
+            words = tl.load(pw)
+        else:
+            words = tl.load(pw, mask=wmask, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        grp = blk // GB if GB > 0 else 0
+        s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
+        if W == W_PAD:
+            zc2 = zc[:, None]
+        else:  # padding words were loaded as 0, i.e. q = 0: subtracting 2^23 there gives 0 * x
+            zc2 = tl.where((jj < W)[None, :], zc[:, None], _TWO23)
+        t = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)
         for i in tl.static_range(P):
-            q = ((words >> (i * BITS)) & MASK) | _MAGIC
-            kx = blk * B + i * W + j
-            xi = tl.load(x_ptr + kx, mask=mask_w & (i * W + j < B) & (kx < K), other=0.0).to(tl.float32)
-            t += (q.to(tl.float32, bitcast=True) - zc) * xi[None, :]  # (q - z) * x, exact q - z
-        acc += t * s
-    y = tl.sum(acc, axis=1)
+            q = (words & MASK) | _MAGIC
+            if i + 1 < P:
+                words = words >> BITS
+            kx = blk * B + i * W + jj  # [W_PAD]: channels of code i of this block's words
+            px = x_ptr + (zero2 + kx[None, :])
+            if (i + 1) * W > B or not EVEN_K:  # past the block's (or the row's) last channel
+                mx = (i * W + jj < B) & (kx < K)
+                xi = tl.load(px, mask=(zero2 == 0) & mx[None, :], other=0.0)
+            else:  # lanes past W read the next block's x and meet a zero weight
+                xi = tl.load(px)
+            t += (q.to(tl.float32, bitcast=True) - zc2) * xi.to(tl.float32)
+        acc += tl.sum(t, axis=1) * s
     if ATOMIC:
-        tl.atomic_add(y_ptr + rows, y, mask=mask_n)
+        tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
     else:
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
