@@ -21,7 +21,7 @@ keeps what it measured), and OUT/zoo.md + OUT/zoo.png at the end. Every model ru
 child process (several share one GPU); every row checks the deadline and skips what cannot end
 in time; the parent kills late children and always writes the report.
 
-    python benchmarks/zoo.py --out OUT --models llama-30m,qwen3-60m --budget 540   # GPU
+    python benchmarks/zoo.py --out OUT --models llama-30m,qwen3-60m --budget 535   # GPU
     python benchmarks/zoo.py --out /tmp/zoo --toy --budget 300 --device cpu         # smoke test
 """
 
@@ -763,10 +763,10 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="llama-30m,qwen3-60m")
     ap.add_argument("--toy", action="store_true", help="CPU smoke-test sizes and step counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--budget", type=float, default=540, help="seconds for the whole run, report included")
+    ap.add_argument("--budget", type=float, default=535, help="seconds for the whole run, report included")
     ap.add_argument("--deadline", type=float, default=None, help="(internal) absolute end time of a child")
     ap.add_argument("--serial", action="store_true", help="models one after the other, not in parallel")
-    ap.add_argument("--train-seconds", type=float, default=180, help="all four training stages together")
+    ap.add_argument("--train-seconds", type=float, default=170, help="all four training stages together")
     ap.add_argument("--stage-shares", type=float, nargs=4, default=[0.5, 0.2, 0.12, 0.18],
                     metavar=("PT", "SFT", "DPO", "RL"), help="shares of --train-seconds per stage")
     ap.add_argument("--min-eval-seconds", type=float, default=150,
@@ -778,7 +778,7 @@ def parse_args(argv=None):
     ap.add_argument("--rl-seconds-share", type=float, default=1.0, help="0 turns the RL stage off")
     ap.add_argument("--rl-lr", type=float, default=1e-5)
     ap.add_argument("--rl-k", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--rl-prompts", type=int, default=64, help="prompts per rollout")
+    ap.add_argument("--rl-prompts", type=int, default=128, help="prompts per rollout (generation is latency-bound)")
     ap.add_argument("--rl-updates", type=int, default=4, help="optimizer steps per rollout (minibatches)")
     ap.add_argument("--rl-kl", type=float, default=0.0, help="k3 KL coefficient to the DPO model")
     ap.add_argument("--rl-reward", choices=("grade", "ascii-start"), default=None,
