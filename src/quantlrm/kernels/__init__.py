@@ -71,9 +71,10 @@ class Config:
 
 # Decode (one row): measured on an H100 with benchmarks/decode.py --sweep; the tuner times these.
 GEMV_CONFIGS = (
-    Config("gemv", block_n=16, num_warps=2), Config("gemv", block_n=32, num_warps=4),
-    Config("gemv", block_n=8, num_warps=1), Config("gemv", block_n=64, num_warps=4),
-    Config("gemv", block_n=32, num_warps=4, x32=True), Config("gemv", block_n=16, num_warps=2, split_k=4),
+    Config("gemv", block_n=64, num_warps=8, split_k=8), Config("gemv", block_n=32, num_warps=8, split_k=8),
+    Config("gemv", block_n=16, num_warps=4, split_k=8), Config("gemv", block_n=32, num_warps=4, split_k=16),
+    Config("gemv", block_n=128, num_warps=8, split_k=8, x32=True), Config("gemv", block_n=32, num_warps=2, split_k=8, x32=True),
+    Config("gemv", block_n=64, num_warps=4, split_k=4), Config("gemv", block_n=32, num_warps=4),
 )
 
 
@@ -155,9 +156,33 @@ _TUNED: dict[tuple, Config] = {}
 
 
 def _time(fn, reps: int = 10) -> float:
+    """Milliseconds per call of `fn`, timed as replays of a CUDA graph of `reps` calls: that is
+    how decode runs, and eager timing would mostly measure Python launch overhead (which would
+    also penalise split-K's extra zero-fill and cast). Falls back to eager timing."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        g.replay()
+        times = []
+        for _ in range(3):
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / reps)
+        return sorted(times)[1]
+    except RuntimeError:
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start.record()
