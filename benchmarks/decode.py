@@ -134,7 +134,7 @@ def prefill_bench(qmods: list, dense: list) -> list[dict]:
         t_ours = graph_time(lambda x=x, kws=kws, cfg=cfg: [run_config(x, kw, cfg) for kw in kws]) / len(kws)
         t_deq = graph_time(lambda x=x, kws=kws, deq=deq: [run_config(x, kw, deq) for kw in kws]) / len(kws)
         t_fp16 = graph_time(lambda x=x: [x @ d.weight.t() for d in dense]) / len(dense)
-        rows.append(dict(m=m, bits=qmods[0].bits, chosen=f"{cfg.kind} m{cfg.block_m} n{cfg.block_n} c{cfg.chunk} sk{cfg.split_k}",
+        rows.append(dict(m=m, bits=qmods[0].bits, chosen=f"{cfg.kind} m{cfg.block_m} n{cfg.block_n} x32={cfg.x32} sk{cfg.split_k}",
                          us_ours=t_ours * 1e6, us_dequant_cublas=t_deq * 1e6, us_fp16=t_fp16 * 1e6))
     return rows
 
