@@ -133,7 +133,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
         grid = (tk.cdiv(n, cfg.block_n), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
         tk._gemv_kernel[grid](x2.float() if cfg.x32 else x2, kw.packed, kw.scale, kw.zero, y, n, k, nb, per,
-                              kw.packed.stride(0), kw.scale.stride(0), P=kw.per_word,
+                              kw.packed.stride(0), kw.scale.stride(0), (1 << kw.bits) - 1, P=kw.per_word,
                               W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
                               EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0, ATOMIC=split > 1, **common)
     else:

@@ -1,9 +1,9 @@
 """Triton kernels for group-wise asymmetric low-bit weights in the block layout of `layout.py`.
 
-Decoding a code costs one shift and one and-or: `(word >> i*bits) & mask | 0x4B000000` is the
-fp32 number 2^23 + q, so q - z is one exact subtraction of 2^23 + z and no integer-to-float
-conversion (a quarter-rate instruction on Hopper, which made the first version ALU-bound) is
-needed. Code i of the words of a block multiplies a contiguous run of W activations.
+No integer-to-float conversion (a quarter-rate instruction on Hopper, which made the first
+version ALU-bound): or-ing a code's bits into the mantissa of a suitable power of two gives an
+fp32 number whose value is that power plus the code, so q - z is one exact subtraction.
+Code i of the words of a block multiplies a contiguous run of W activations.
 
 - `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks their
   blocks one per step (split-K over blocks with fp32 atomics); weights are read once with wide
@@ -24,14 +24,18 @@ _TWO23 = tl.constexpr(8388608.0)
 
 @triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
-                 N, K, n_blocks, blocks_per_split, stride_p, stride_s,
+                 N, K, n_blocks, blocks_per_split, stride_p, stride_s, code_mask,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                  W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr):
     # Every tensor in the loop has the words' layout or a slice of it: x is loaded through a
     # [BLOCK_N, W_PAD] pointer (rows repeat the same addresses, served by L1) rather than as a
     # vector, so the compiler needs no shared-memory layout conversion per code.
-    MASK: tl.constexpr = (1 << BITS) - 1
+    # A code is decoded where it lies: its bits r..r+BITS-1 or-ed into the fp32 number
+    # 2^(23-r), whose mantissa unit is 2^-r, give 2^(23-r) + q exactly. One and-or (the mask is
+    # a run-time value, so it sits in a register and and+or fuse into one LOP3), no shift; the
+    # upper half of the word is shifted down once.
+    H: tl.constexpr = P // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -41,6 +45,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
     b_begin = pid_k * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.int32)
+    cmask = code_mask.to(tl.uint32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for blk in range(b_begin, b_end):
         pw = p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :]
@@ -49,26 +54,26 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
         else:
             words = tl.load(pw, mask=wmask, other=0)
         words = words.to(tl.uint32, bitcast=True)
+        upper = words >> (BITS * H)
         grp = blk // GB if GB > 0 else 0
         s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
-        zc = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
-        if W == W_PAD:
-            zc2 = zc[:, None]
-        else:  # padding words were loaded as 0, i.e. q = 0: subtracting 2^23 there gives 0 * x
-            zc2 = tl.where((jj < W)[None, :], zc[:, None], _TWO23)
+        z = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
         t = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)
         for i in tl.static_range(P):
-            q = (words & MASK) | _MAGIC
-            if i + 1 < P:
-                words = words >> BITS
+            R = BITS * (i % H)  # bit offset of code i in its half of the word (P is even)
+            src = words if i < H else upper
+            q = (src & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
+            zc = z + 8388608.0 / (1 << R)  # 2^(23-R) + z
             kx = blk * B + i * W + jj  # [W_PAD]: channels of code i of this block's words
             px = x_ptr + (zero2 + kx[None, :])
             if (i + 1) * W > B or not EVEN_K:  # past the block's (or the row's) last channel
                 mx = (i * W + jj < B) & (kx < K)
                 xi = tl.load(px, mask=(zero2 == 0) & mx[None, :], other=0.0)
-            else:  # lanes past W read the next block's x and meet a zero weight
+            else:  # lanes past W read the next block's x; they are dropped below
                 xi = tl.load(px)
-            t += (q.to(tl.float32, bitcast=True) - zc2) * xi.to(tl.float32)
+            t += (q.to(tl.float32, bitcast=True) - zc[:, None]) * xi.to(tl.float32)
+        if W != W_PAD:
+            t = tl.where((jj < W)[None, :], t, 0.0)
         acc += tl.sum(t, axis=1) * s
     if ATOMIC:
         tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
