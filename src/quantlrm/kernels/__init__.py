@@ -203,9 +203,15 @@ def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
     cands = candidates(kw, m)
     if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
         return cands[0]  # no timing possible now: the first candidate is always valid
+    # Time each candidate over enough copies of the weight to overflow L2 (~100 MB), so the
+    # choice is made on weights streamed from memory, as in a real model, not on a cached one.
+    copies = [kw] + [KernelWeight(kw.packed.clone(), kw.scale.clone(), kw.zero.clone(), kw.bits,
+                                  kw.group_size, kw.in_features, kw.out_features)
+                     for _ in range(min(63, -(-100_000_000 // kw.nbytes()) - 1))]
+
     def cost(c: Config) -> float:
         try:
-            return _time(lambda: run_config(x2, kw, c))
+            return _time(lambda: [run_config(x2, w, c) for w in copies], reps=2)
         except Exception:  # noqa: BLE001 -- e.g. a tile that needs more shared memory than this card has
             return float("inf")
 
