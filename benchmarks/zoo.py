@@ -669,7 +669,7 @@ def markdown(results: list[dict]) -> str:
             out.append(f"Pseudo-fine-tuning (W3 g128 QuantLRM of the {c.get('model', '?')} model with signals from "
                        f"SFT steps), {r['model']}: "
                        + ", ".join(f"step {k}: {100 * v:.1f}" for k, v in zip(c["steps"], c["avg"], strict=True))
-                       + (f"; trend slope {100 * c['trend']['slope']:.3f} points/step" if "trend" in c else "")
+                       + (f"; trend slope {c['trend']['slope']:.4f} points/step" if "trend" in c else "")  # fit on points
                        + "\n")
         elif c and c.get("error"):
             out.append(f"Pseudo-fine-tuning failed: {c['error']}\n")
