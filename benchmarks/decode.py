@@ -142,10 +142,13 @@ def prefill_bench(qmods: list, dense: list) -> list[dict]:
 class GraphDecoder:
     """Greedy decode with a static KV cache; each step is one replay of a captured CUDA graph."""
 
-    def __init__(self, model, max_len: int, use_graph: bool = True):
+    def __init__(self, model, max_len: int, use_graph: bool = True, compile_step: bool = False):
         from transformers import StaticCache
 
         self.model = model
+        # torch.compile fuses the small non-linear ops (norms, RoPE, residuals) of the one-token
+        # step; the quantized linears stay one custom op each (quantlrm::qmatmul).
+        self.fwd = torch.compile(model.forward, dynamic=False) if compile_step else model.forward
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         self.pos = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -154,7 +157,7 @@ class GraphDecoder:
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
+        out = self.fwd(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
         nxt = out.logits[:, -1, :].argmax(-1)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.add_(1)
@@ -199,9 +202,10 @@ class GraphDecoder:
         return toks
 
 
-def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_graph: bool) -> dict:
+def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_graph: bool,
+                 compile_step: bool = False) -> dict:
     max_len = max(p.shape[1] for p in prompts_ids) + new_tokens + 8
-    dec = GraphDecoder(model, max_len)
+    dec = GraphDecoder(model, max_len, compile_step=compile_step)
     graph_ok = False
     if use_graph:
         try:
@@ -222,7 +226,7 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
         lat.append(time.perf_counter() - t0)
         first = toks if first is None else first
     med = statistics.median(lat)
-    return dict(graph=graph_ok, latencies_s=lat, median_latency_s=med, tok_per_s=new_tokens / med,
+    return dict(graph=graph_ok, compiled=compile_step, latencies_s=lat, median_latency_s=med, tok_per_s=new_tokens / med,
                 first_tokens=first[:16].tolist())
 
 
@@ -243,6 +247,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (all precisions alike) before capturing its graph")
     ap.add_argument("--no-hf-generate", action="store_true")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
@@ -322,7 +328,7 @@ def main() -> None:
     res["decode"] = {}
     for prec in ("fp16", "W4", "W3"):
         set_linears(model, dense if prec == "fp16" else quant[int(prec[1])])
-        r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph)
+        r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, args.compile)
         if not args.no_hf_generate:
             r["hf_generate_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens)
         res["decode"][prec] = r

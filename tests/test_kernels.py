@@ -257,3 +257,34 @@ def test_gpu_load_quantized_matches_dense(tmp_path):
             assert _relerr(qm(ids).logits, ref(ids).logits) < 1e-2
             out = qm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256)
         assert out.shape == (1, 17)
+
+
+def test_quantlinear_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) fails on any graph break: the quantized linear must reach
+    the compiler as one operator, with the same output as eager."""
+    from quantlrm.nn import QuantLinear
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(QuantLinear.from_linear(torch.nn.Linear(128, 96), 4, 32),
+                              torch.nn.GELU(),
+                              QuantLinear.from_linear(torch.nn.Linear(96, 40), 3, 32)).float()
+    for m in net:
+        if isinstance(m, QuantLinear):
+            m.scale.data, m.zero.data = m.scale.float(), m.zero.float()
+            m.bias.data = m.bias.float()
+    x = torch.randn(3, 5, 128)
+    want = net(x)
+    graphs = []
+
+    def backend(gm, example_inputs):  # records what dynamo hands to the compiler
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(net, fullgraph=True, backend=backend)(x)
+    assert got.shape == (3, 5, 40)
+    assert _relerr(got, want) < 1e-6
+    ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.quantlrm.qmatmul.default) == 2, ops
+    torch._dynamo.reset()
+    assert _relerr(torch.compile(net, fullgraph=True, backend="aot_eager")(x), want) < 1e-6

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quantlrm.errors import QuantLRMError
-from quantlrm.kernels import KernelWeight, qmatmul
+from quantlrm.kernels import KernelWeight, qmatmul, qmatmul_op
 from quantlrm.kernels import layout as L
 from quantlrm.quantizer import QuantResult, quantize
 
@@ -61,7 +61,12 @@ class QuantLinear(nn.Module):
         return L.dequantize(self.weight_layout, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = qmatmul(x.to(self.scale.dtype), self.weight_layout)
+        x = x.to(self.scale.dtype)
+        if torch.compiler.is_compiling():  # one opaque op for torch.compile (no graph break)
+            y = qmatmul_op(x, self.packed, self.scale, self.zero, self.bits, self.group_size,
+                           self.in_features, self.out_features)
+        else:
+            y = qmatmul(x, self.weight_layout)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

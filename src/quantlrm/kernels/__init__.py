@@ -16,7 +16,7 @@ import torch
 
 from quantlrm.kernels.layout import KernelWeight, dequantize, reference_matmul
 
-__all__ = ["KernelWeight", "Config", "qmatmul", "candidates", "run_config", "triton_available",
+__all__ = ["KernelWeight", "Config", "qmatmul", "qmatmul_op", "candidates", "run_config", "triton_available",
            "dequantize", "reference_matmul"]
 
 
@@ -231,3 +231,17 @@ def qmatmul(x: torch.Tensor, kw: KernelWeight, config: Config | None = None) -> 
     else:
         y = run_config(x2, kw, config or choose(x2, kw))
     return y.view(*shape[:-1], kw.out_features)
+
+
+@torch.library.custom_op("quantlrm::qmatmul", mutates_args=())
+def qmatmul_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               bits: int, group_size: int, in_features: int, out_features: int) -> torch.Tensor:
+    """`qmatmul` as one opaque operator: torch.compile keeps it whole instead of tracing into
+    the tuner's Python (which would break the graph at every quantized linear)."""
+    kw = KernelWeight(packed, scale, zero, bits, group_size, in_features, out_features)
+    return qmatmul(x, kw)
+
+
+@qmatmul_op.register_fake
+def _qmatmul_fake(x, packed, scale, zero, bits, group_size, in_features, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
