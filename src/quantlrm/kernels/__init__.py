@@ -69,7 +69,8 @@ class Config:
     num_stages: int = 2
 
 
-# Decode (one row): measured on an H100 with benchmarks/decode.py --sweep; the tuner times these.
+# Decode (one row): the best tiles of benchmarks/gemv_sweep.py on an H100 (BENCHMARKS.md, Kernels);
+# the tuner times these on first use.
 GEMV_CONFIGS = (
     Config("gemv", block_n=64, num_warps=8, split_k=8), Config("gemv", block_n=32, num_warps=8, split_k=8),
     Config("gemv", block_n=16, num_warps=4, split_k=8), Config("gemv", block_n=32, num_warps=4, split_k=16),
