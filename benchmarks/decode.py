@@ -214,7 +214,7 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
             dec.capture(prompts_ids[0])
             graph_ok = True
         except Exception as e:  # noqa: BLE001 -- reported in the results, then eager
-            print(f"CUDA graph capture failed ({type(e).__name__}: {e}); timing the eager loop", flush=True)
+            print(f"compile or CUDA graph capture failed ({type(e).__name__}: {e}); timing the eager loop", flush=True)
             dec = GraphDecoder(model, max_len)
     dec.generate(prompts_ids[0], 8)
     lat, first = [], None
@@ -226,7 +226,7 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
         lat.append(time.perf_counter() - t0)
         first = toks if first is None else first
     med = statistics.median(lat)
-    return dict(graph=graph_ok, compiled=compile_step, latencies_s=lat, median_latency_s=med, tok_per_s=new_tokens / med,
+    return dict(graph=graph_ok, compiled=compile_step and graph_ok, latencies_s=lat, median_latency_s=med, tok_per_s=new_tokens / med,
                 first_tokens=first[:16].tolist())
 
 
