@@ -329,10 +329,15 @@ class ModelRun:
         self.est["eval"] = time.time() - t0
         return ev
 
-    def skip(self, what: str, need: float) -> None:
+    def affordable(self, what: str, need: float, margin: float = 5) -> bool:
+        """True if `need` seconds (plus a start margin) fit before the deadline; else the step
+        is recorded as skipped."""
+        if self.clock.fits(need + margin):
+            return True
         self.res["skipped"].append(f"{what} (deadline)")
         log(f"skip {what}: {self.clock.left():.0f}s left, needs ~{need:.0f}s")
         self.save()
+        return False
 
     def signals(self, base: str, tuned: str) -> Path:
         from quantlrm.signals import compute_signals, save_signals
@@ -399,8 +404,7 @@ class ModelRun:
         est_key = "ours" if kind == "ours" else opts["method"]
         est = self.guess(est_key)
         bits, group = parse_setting(setting)
-        if not self.clock.fits(est + 5):
-            self.skip(f"{label} {setting_label(setting)}", est)
+        if not self.affordable(f"{label} {setting_label(setting)}", est):
             return
         out = self.work / f"q-{key}-{setting}"
         t0 = time.time()
@@ -432,8 +436,7 @@ class ModelRun:
                                "pair": f"{self.base}->{self.final}", "rows": rows}
         for signal in SIGNALS:
             need = self.guess("protect")
-            if not self.clock.fits(need + 5):
-                self.skip(f"protect {signal}", need)
+            if not self.affordable(f"protect {signal}", need):
                 continue
             out = self.work / f"protect-{signal}"
             t0 = time.time()
@@ -460,8 +463,7 @@ class ModelRun:
         a = self.args
         steps = sorted(set(a.pft_snapshots))
         need = 0.15 * steps[-1] * self.size_factor() ** 0.5 + 2 * self.guess("ours")
-        if not self.clock.fits(need + 5):
-            self.skip("pseudo-fine-tuning curve", need)
+        if not self.affordable("pseudo-fine-tuning curve", need):
             return
         data = self.work / "pseudo_sft.jsonl"
         probs = self.train_problems[-a.pft_examples:]
@@ -485,8 +487,7 @@ class ModelRun:
         log(f"pseudo-fine-tuning {steps[-1]} steps in {curve['finetune_s']}s")
         for k in steps:
             need = self.guess("ours")
-            if not self.clock.fits(need + 5):
-                self.skip(f"pseudo-ft step {k}", need)
+            if not self.affordable(f"pseudo-ft step {k}", need):
                 continue
             q = self.work / f"q-pft-{k}"
             t1 = time.time()
@@ -543,8 +544,7 @@ class ModelRun:
         for stage in ("sft", "dpo", "rl"):
             if stage == self.final:
                 break
-            if not self.clock.fits(self.guess("eval") + 60):
-                self.skip(f"16-bit {stage.upper()}", self.guess("eval"))
+            if not self.affordable(f"16-bit {stage.upper()}", self.guess("eval"), margin=60):
                 continue
             self.add_row(f"16-bit {stage.upper()}", None, self.evaluate(self.dirs[stage]), {"stage": stage})
         self.add_row("16-bit", None, self.evaluate(self.dirs[self.final]), {"stage": self.final})
