@@ -31,8 +31,8 @@ def random_layout(n: int, k: int, bits: int, group: int, min_copies: int, min_by
     from quantlrm.kernels import KernelWeight
     from quantlrm.kernels import layout as L
 
-    b = L.block_size(group, k)
-    words = math.ceil(k / b) * math.ceil(b / L.codes_per_word(bits))
+    _, _, w, nb = L.geometry(bits, group, k)
+    words = nb * w
     copies = max(min_copies, math.ceil(min_bytes / (n * words * 4)))
     out = []
     for _ in range(copies):

@@ -88,6 +88,12 @@ def block_size(group_size: int, in_features: int) -> int:
     )
 
 
+def geometry(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int]:
+    """(B, P, W, n_blocks): channels per block, codes per word, words per block, blocks per row."""
+    b, p = block_size(group_size, in_features), codes_per_word(bits)
+    return b, p, math.ceil(b / p), math.ceil(in_features / b)
+
+
 @dataclass
 class KernelWeight:
     """One linear's weight in the kernels' layout (see module docstring)."""
@@ -110,11 +116,11 @@ class KernelWeight:
 
     @property
     def words_per_block(self) -> int:
-        return math.ceil(self.block / self.per_word)
+        return geometry(self.bits, self.group_size, self.in_features)[2]
 
     @property
     def n_blocks(self) -> int:
-        return math.ceil(self.in_features / self.block)
+        return geometry(self.bits, self.group_size, self.in_features)[3]
 
     def to(self, device: torch.device | str) -> KernelWeight:
         return KernelWeight(self.packed.to(device), self.scale.to(device), self.zero.to(device),
@@ -127,9 +133,7 @@ class KernelWeight:
 def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout."""
     out, inp = codes.shape
-    b, p = block_size(group_size, inp), codes_per_word(bits)
-    w = math.ceil(b / p)
-    nb = math.ceil(inp / b)
+    b, p, w, nb = geometry(bits, group_size, inp)
     c = torch.zeros(out, nb * b, dtype=torch.int64, device=codes.device)
     c[:, :inp] = codes.to(torch.int64)
     c = torch.nn.functional.pad(c.view(out, nb, b), (0, p * w - b)).view(out, nb, p, w)
@@ -142,9 +146,7 @@ def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
 def unpack_blocks(packed: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """Inverse of `pack_blocks`: uint8 codes [out, in]."""
     out = packed.shape[0]
-    b, p = block_size(group_size, in_features), codes_per_word(bits)
-    w = math.ceil(b / p)
-    nb = math.ceil(in_features / b)
+    b, p, w, nb = geometry(bits, group_size, in_features)
     words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, 1, w)
     shifts = torch.arange(p, device=packed.device, dtype=torch.int64).mul_(bits).view(1, 1, p, 1)
     c = ((words >> shifts) & ((1 << bits) - 1)).view(out, nb, p * w)[:, :, :b]
