@@ -21,14 +21,7 @@ from quantlrm.finetune import (
 from quantlrm.models import build_model, byte_tokenizer, tiny_config
 from quantlrm.plots import plot_snapshot_curve, trend_line
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _jsonl(path, rows):

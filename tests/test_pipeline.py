@@ -18,12 +18,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3"]
 COMMON = dict(bits=3, group_size=32, calib="builtin", calib_samples=4, calib_seqlen=64, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_protect(w, keep, bits, g):

@@ -4,14 +4,7 @@ import torch
 from quantlrm import search as S
 from quantlrm.quantizer import fake_quantize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_clip(w, x, bits, g, n_grid=20, max_shrink=0.5):
