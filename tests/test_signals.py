@@ -215,19 +215,8 @@ def test_pairs_source_matches_checkpoints(llama):
 def test_save_load_layout_and_cli(llama, tmp_path, capsys):
     d, base, _ = llama
     out = tmp_path / "sig"
-    rc = main(
-        [
-            "signals",
-            "--base",
-            str(d / "base"),
-            "--finetuned",
-            str(d / "ft"),
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
-    assert rc == 0
+    argv = ["signals", "--base", str(d / "base"), "--finetuned", str(d / "ft"), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["importance.safetensors", "stats.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["sig"]  # no temporary directory left
     line = capsys.readouterr().out
@@ -264,21 +253,7 @@ def test_save_load_layout_and_cli(llama, tmp_path, capsys):
         channel_importance(dw, loaded.stats, "both-ends"), loaded.importance[q], rtol=1e-6, atol=0
     )
     # existing output: refused before any work, exit 2
-    assert (
-        main(
-            [
-                "signals",
-                "--base",
-                str(d / "base"),
-                "--finetuned",
-                str(d / "ft"),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    assert main(argv) == 2
     assert "exists" in capsys.readouterr().err
     save_signals(lib, out, overwrite=True)
     with pytest.raises(QuantLRMError, match="not a signals directory"):
