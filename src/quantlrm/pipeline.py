@@ -13,8 +13,11 @@ Per layer, as AWQ's published algorithm does it:
 2. search one scale vector per scale group on the fp layer (`quantlrm.search`);
 3. fold 1/s into the op before each group and s into the group's weight columns;
 4. search clip values on the scaled weights and scaled inputs (not for q/k);
-5. quantize every linear (`quantlrm.quantizer.quantize`), measure the layer's output
-   error against the fp layer, write the layer's state into the work dir `OUT.partial/`.
+5. quantize every linear (`quantlrm.quantizer.quantize`, round-to-nearest; or with
+   `rounding="gptq"`, `quantlrm.gptq`: GPTQ's error compensation on the same grid, with the
+   Hessian of the scaled inputs x/s, accumulated over all calibration tokens in step 1),
+   measure the layer's output error against the fp layer, write the layer's state into the
+   work dir `OUT.partial/`.
 At the end the work dir is streamed into the chosen format's writer inside an atomic
 output directory. `resume=True` continues after the last finished layer.
 """
@@ -37,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from quantlrm import gptq as G
 from quantlrm import search as S
 from quantlrm.arch import Arch, ScaleGroup, attention_shape, get_arch, num_layers
 from quantlrm.checkpoint import Checkpoint, atomic_output_dir
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 METHODS = ("rtn", "awq", "quantlrm")
 GROUP_IMPORTANCE = ("authors", "mean")
 PROPAGATE = ("fp", "quant")
+ROUNDINGS = ("rtn", "gptq")
 CLIP_SKIP = ("q", "k")  # AWQ does not clip q/k: attention scores amplify their error
 SEARCH_FILE = "search.safetensors"
 REPORT_FILE = "quantlrm.json"
@@ -83,6 +88,9 @@ class QuantizeOptions:
     n_grid: int = 20
     propagate: str = "fp"  # next layer's inputs from the "fp" or the "quant" layer
     batch_tokens: int = 16384  # calibration tokens per forward chunk
+    rounding: str = "rtn"  # "rtn": round to nearest; "gptq": GPTQ error compensation after the scales
+    gptq_damp: float = 0.01  # GPTQ: damping added to H's diagonal, relative to its mean
+    gptq_block: int = 128  # GPTQ: columns per lazy-batch block (speed only; the result is the same)
     overwrite: bool = False
     progress: bool = True
     importance: dict | None = field(default=None, repr=False)  # in-memory signals (library use)
@@ -109,6 +117,7 @@ def _validate(opts: QuantizeOptions) -> None:
         raise QuantLRMError(f"unknown propagation {opts.propagate!r}.", "use fp or quant.")
     if opts.n_grid < 1 or opts.batch_tokens < 1:
         raise QuantLRMError("n_grid and batch_tokens must be positive.", "use the defaults (20, 16384).")
+    _validate_rounding(opts)
     if opts.importance is not None and not isinstance(opts.importance, dict):
         raise QuantLRMError("importance must be a dict of module name -> tensor.", "pass signals=DIR instead.")
     has_signals = opts.signals is not None or opts.base is not None or opts.importance is not None
@@ -134,6 +143,20 @@ def _validate(opts: QuantizeOptions) -> None:
         )
     if Path(opts.out).resolve() == Path(opts.model).resolve():
         raise QuantLRMError("--out is the input model directory.", "write to a new directory.")
+
+
+def _validate_rounding(opts: QuantizeOptions) -> None:
+    if opts.rounding not in ROUNDINGS:
+        raise QuantLRMError(f"unknown rounding {opts.rounding!r}.", f"use --rounding {' | '.join(ROUNDINGS)}.")
+    damp, block = opts.gptq_damp, opts.gptq_block
+    if not isinstance(damp, (int, float)) or not damp > 0 or damp != damp or damp == float("inf"):
+        raise QuantLRMError(f"GPTQ damping must be a positive number, got {damp!r}.", "use --gptq-damp 0.01.")
+    if not isinstance(block, int) or block < 1:
+        raise QuantLRMError(f"GPTQ block must be a positive integer, got {block!r}.", "use --gptq-block 128.")
+    if opts.rounding != "gptq" and (damp != 0.01 or block != 128):
+        raise QuantLRMError(
+            "--gptq-damp/--gptq-block were given but rounding is rtn.", "add --rounding gptq, or drop them."
+        )
 
 
 def _check_shapes(ckpt: Checkpoint, arch: Arch, bits: int, group_size: int) -> None:
@@ -355,13 +378,23 @@ class Captured:
     group_refs: dict[str, list[torch.Tensor]]
     group_calls: dict[str, tuple]
     clip_inputs: dict[str, torch.Tensor]  # short -> [~512, in] token subsample
+    # short -> sum of x^T x over ALL tokens (GPTQ); linears reading one input share one object
+    hessians: dict[str, G.HessianAccumulator] = field(default_factory=dict)
 
 
 @torch.no_grad()
 def capture_layer(
-    layer: torch.nn.Module, arch: Arch, xs: list[torch.Tensor], call: tuple, clip_linears: list[str]
+    layer: torch.nn.Module,
+    arch: Arch,
+    xs: list[torch.Tensor],
+    call: tuple,
+    clip_linears: list[str],
+    hessians: bool = False,
+    groups: bool = True,
 ) -> Captured:
-    """Run the fp layer over all chunks with hooks on the scale groups and clipped linears."""
+    """Run the fp layer over all chunks with hooks on the scale groups and clipped linears
+    (and, for GPTQ, on every linear to accumulate x^T x; `groups=False` skips the search's
+    captures when re-applying a search file)."""
     total = sum(x.shape[0] * x.shape[1] for x in xs)
     stride = max(1, total // 512)
     offset = [0]
@@ -400,8 +433,23 @@ def capture_layer(
 
         return hook
 
+    seen: list[tuple[torch.Tensor, G.HessianAccumulator]] = []  # this chunk's distinct linear inputs
+
+    def pre_hessian(short):
+        def hook(mod, args):
+            x = args[0]
+            acc = next((a for t, a in seen if t is x), None)  # q/k/v (gate/up) get the same tensor
+            if acc is None:
+                acc = cap.hessians.get(short) or G.HessianAccumulator(x.shape[-1], x.device)
+                acc.add(x)
+                seen.append((x, acc))
+            if cap.hessians.setdefault(short, acc) is not acc:
+                raise RuntimeError(f"linear {short} changed which input it shares between chunks")
+
+        return hook
+
     try:
-        for g in arch.scale_groups:
+        for g in arch.scale_groups if groups else ():
             first = layer.get_submodule(arch.linears[g.linears[0]])
             handles.append(first.register_forward_pre_hook(pre_group(g.name)))
             mod = layer.get_submodule(g.inspect)
@@ -409,9 +457,13 @@ def capture_layer(
             handles.append(mod.register_forward_hook(inspect_post(g.name)))
         for short in clip_linears:
             handles.append(layer.get_submodule(arch.linears[short]).register_forward_pre_hook(pre_clip(short)))
+        if hessians:
+            for short, path in arch.linears.items():
+                handles.append(layer.get_submodule(path).register_forward_pre_hook(pre_hessian(short)))
         for x in xs:
             cap.outputs.append(_call(layer, x, call))
             offset[0] += x.shape[0] * x.shape[1]
+            seen.clear()
     finally:
         for h in handles:
             h.remove()
@@ -567,24 +619,43 @@ def scale_of_linear(arch: Arch, scales: dict[str, torch.Tensor], short: str) -> 
 def quantize_layer(
     sd: dict[str, torch.Tensor], arch: Arch, plan: LayerPlan, opts: QuantizeOptions, cap: Captured | None
 ) -> dict[str, QuantResult]:
-    """Clip search (when a calibration capture is given and clips are not yet known) + quantize."""
+    """Clip search (when a calibration capture is given and clips are not yet known) + quantize
+    (round-to-nearest, or GPTQ with the Hessian of the scaled inputs: needs `cap.hessians`)."""
     results = {}
     clip_ratio = {}
+    gptq_rec = {}
+    hess: dict[int, torch.Tensor] = {}  # one H per shared input (id of its accumulator)
+    if opts.rounding == "gptq" and (cap is None or not cap.hessians):
+        raise RuntimeError("GPTQ rounding needs the layer's Hessians (capture_layer(..., hessians=True))")
     for short, path in arch.linears.items():
         w = sd[path + ".weight"]
+        s = scale_of_linear(arch, plan.scales, short)
         if opts.use_clip and short not in CLIP_SKIP and short not in plan.clips and cap is not None:
-            x = cap.clip_inputs[short].float()
-            s = scale_of_linear(arch, plan.scales, short)
-            if s is not None:
-                x = x / s.to(x.device)
-            plan.clips[short] = S.search_clip(w, x, opts.bits, opts.group_size)
+            if short in cap.clip_inputs:
+                x = cap.clip_inputs[short].float()
+                if s is not None:
+                    x = x / s.to(x.device)
+                plan.clips[short] = S.search_clip(w, x, opts.bits, opts.group_size)
         clip = plan.clips.get(short)
-        results[short] = quantize(w, opts.bits, opts.group_size, clip_max=clip)
+        if opts.rounding == "gptq":
+            acc = cap.hessians[short]
+            if id(acc) not in hess:
+                hess[id(acc)] = acc.hessian()
+            h = G.scale_hessian(hess[id(acc)], s.to(w.device) if s is not None else None)
+            results[short], st = G.gptq_quantize(
+                w, h.to(w.device), opts.bits, opts.group_size, clip_max=clip, damp=opts.gptq_damp,
+                block=opts.gptq_block,
+            )
+            gptq_rec[short] = st.as_dict()
+        else:
+            results[short] = quantize(w, opts.bits, opts.group_size, clip_max=clip)
         if clip is not None:
             g = results[short].group_size
             absmax = w.reshape(w.shape[0], -1, g).abs().amax(-1)
             clip_ratio[short] = float((clip.to(absmax) / absmax.clamp(min=1e-12)).clamp(max=1).mean())
     plan.record["clip"] = clip_ratio
+    if gptq_rec:
+        plan.record["gptq"] = gptq_rec
     return results
 
 
@@ -798,7 +869,7 @@ def quantize_model(opts: QuantizeOptions) -> Path:
     xs: list[torch.Tensor] = []
     kwargs: list = []
     chunk = max(1, opts.batch_tokens // opts.calib_seqlen)
-    if applied is None:
+    if applied is None or opts.rounding == "gptq":  # GPTQ's Hessians need calibration even with --apply
         calib = _calibration(opts, ckpt)
         skel.materialize_outer()
         xs, kwargs = skel.capture(calib.input_ids, chunk)
@@ -821,7 +892,7 @@ def quantize_model(opts: QuantizeOptions) -> Path:
         if applied is None:
             xs, rec = _process_layer(skel, arch, ckpt, i, xs, kwargs[i], opts, importance, work, dtype)
         else:
-            rec = _apply_layer(skel, arch, ckpt, i, applied, opts, work, dtype)
+            xs, rec = _apply_layer(skel, arch, ckpt, i, applied, opts, work, dtype, xs, kwargs[i] if xs else None)
         search_s += time.time() - t0
         bar.set_postfix_str(_postfix(rec))
         bar.update(1)
@@ -850,7 +921,7 @@ def _process_layer(skel, arch, ckpt, i, xs, kw, opts, importance, work: WorkDir,
     layer = skel.load_layer(i)
     call = _layer_call(kw)
     clip_linears = [s for s in arch.linears if s not in CLIP_SKIP] if opts.use_clip else []
-    cap = capture_layer(layer, arch, xs, call, clip_linears)
+    cap = capture_layer(layer, arch, xs, call, clip_linears, hessians=opts.rounding == "gptq")
     _check_finite(cap.outputs, f"layer {i}")
     plan = search_layer(layer, arch, ckpt.config, i, cap, opts, importance)
     sd = {k: v.float() for k, v in layer.state_dict().items()}
@@ -858,17 +929,22 @@ def _process_layer(skel, arch, ckpt, i, xs, kw, opts, importance, work: WorkDir,
     results = quantize_layer(sd, arch, plan, opts, cap)
     packed = _pack_layer(sd, arch, results, plan, dtype)
     del sd
-    cap.group_inputs, cap.group_refs, cap.clip_inputs = {}, {}, {}  # free before the check forward
+    nxt = _check_layer(skel, arch, i, packed, cap, xs, call, opts, dtype, plan.record)
+    work.save_layer(i, packed, plan.record)
+    skel.unload_layer(i)
+    return nxt, plan.record
+
+
+def _check_layer(skel, arch, i, packed, cap: Captured, xs, call, opts, dtype, record: dict) -> list[torch.Tensor]:
+    """Record the quantized layer's output MSE vs the fp layer; return the next layer's inputs."""
+    cap.group_inputs, cap.group_refs, cap.clip_inputs, cap.hessians = {}, {}, {}, {}  # free before the forward
     plain, quant, _, _ = _unpack_layer(packed, arch, opts.bits, opts.group_size)
     layer = skel.load_layer(i, _final_weights(plain, quant, dtype))
     qout = [_call(layer, x, call) for x in xs]
     mse = sum(float((q.float() - y.float()).pow(2).sum()) for q, y in zip(qout, cap.outputs, strict=True))
-    plan.record["layer_mse"] = mse / sum(y.numel() for y in cap.outputs)
-    plan.record["layer"] = i
-    nxt = qout if opts.propagate == "quant" else cap.outputs
-    work.save_layer(i, packed, plan.record)
-    skel.unload_layer(i)
-    return nxt, plan.record
+    record["layer_mse"] = mse / sum(y.numel() for y in cap.outputs)
+    record["layer"] = i
+    return qout if opts.propagate == "quant" else cap.outputs
 
 
 @torch.no_grad()
@@ -886,19 +962,38 @@ def _replay(skel, work: WorkDir, arch, i, xs, kw, opts, dtype):
     return ys
 
 
-def _apply_layer(skel, arch, ckpt, i, applied, opts, work: WorkDir, dtype) -> dict:
-    tensors, _meta, records = applied
-    record = next((r for r in records if r.get("layer") == i), {"layer": i})
+@torch.no_grad()
+def _apply_layer(skel, arch, ckpt, i, applied, opts, work: WorkDir, dtype, xs, kw) -> tuple[list, dict]:
+    """Re-apply a search file's scales/clips to layer i. With GPTQ rounding the fp layer is run
+    over the calibration inputs first (Hessians only, no search) and its output propagated."""
+    tensors, meta, records = applied
+    record = dict(next((r for r in records if r.get("layer") == i), {"layer": i}))
+    record.pop("gptq", None)  # the searching run's GPTQ losses; recomputed when this run uses GPTQ
+    if meta.get("rounding", "rtn") != opts.rounding:
+        record.pop("layer_mse", None)  # measured with the other rounding
     plan = _plan_from_file(tensors, arch, i, ckpt, record)
-    lp = arch.layer_prefix(i)
-    sd = {n: ckpt.get(lp + n).to(skel.device).float() for n in skel.layer_names(i)}
+    cap = None
+    if opts.rounding == "gptq":
+        call = _layer_call(kw)
+        layer = skel.load_layer(i)
+        cap = capture_layer(layer, arch, xs, call, [], hessians=True, groups=False)
+        _check_finite(cap.outputs, f"layer {i}")
+        sd = {k: v.float() for k, v in layer.state_dict().items()}
+    else:
+        lp = arch.layer_prefix(i)
+        sd = {n: ckpt.get(lp + n).to(skel.device).float() for n in skel.layer_names(i)}
     apply_scales(sd, arch, ckpt.config, plan.scales)
     clip_known = dict(plan.clips)
-    results = quantize_layer(sd, arch, plan, opts, cap=None)
+    results = quantize_layer(sd, arch, plan, opts, cap=cap)
     plan.clips = clip_known
     plan.record["applied_from"] = str(opts.apply)
-    work.save_layer(i, _pack_layer(sd, arch, results, plan, dtype), plan.record)
-    return plan.record
+    packed = _pack_layer(sd, arch, results, plan, dtype)
+    del sd
+    if cap is not None:
+        xs = _check_layer(skel, arch, i, packed, cap, xs, call, opts, dtype, plan.record)
+        skel.unload_layer(i)
+    work.save_layer(i, packed, plan.record)
+    return xs, plan.record
 
 
 def _postfix(rec: dict) -> str:
@@ -908,6 +1003,10 @@ def _postfix(rec: dict) -> str:
     parts = []
     if before > 0:
         parts.append(f"search loss {100 * (after / before - 1):+.1f}%")
+    gq = rec.get("gptq") or {}
+    rtn_loss = sum(v["loss_rtn"] for v in gq.values())
+    if rtn_loss > 0:
+        parts.append(f"gptq loss {100 * (sum(v['loss'] for v in gq.values()) / rtn_loss - 1):+.1f}% vs rtn")
     if rec.get("layer_mse") is not None:
         parts.append(f"layer mse {rec['layer_mse']:.3g}")
     return ", ".join(parts)
@@ -942,6 +1041,7 @@ def _assemble(opts, ckpt, arch, skel, work: WorkDir, dtype, calib, sig_info, app
         meta = {
             "quantlrm_search": "1",
             "method": opts.method,
+            "rounding": opts.rounding,
             "bits": str(opts.bits),
             "group_size": str(opts.group_size),
             "num_layers": str(skel.n_layers),
@@ -953,6 +1053,7 @@ def _assemble(opts, ckpt, arch, skel, work: WorkDir, dtype, calib, sig_info, app
         save_file(search_tensors, str(tmp / SEARCH_FILE), metadata=meta)
         report = {
             "method": opts.method,
+            "rounding": opts.rounding,
             "bits": opts.bits,
             "group_size": opts.group_size,
             "format": opts.format,

@@ -8,7 +8,7 @@ import argparse
 def register(sub) -> None:
     p = sub.add_parser(
         "quantize",
-        help="quantize a model block by block (RTN, AWQ or QuantLRM)",
+        help="quantize a model block by block (RTN, AWQ or QuantLRM; round-to-nearest or GPTQ rounding)",
         description=(
             "Quantize a Hugging Face checkpoint layer by layer. Writes OUT with the model in the "
             "chosen --format, quantlrm.json (method, calibration, per-layer alpha/clip/loss) and "
@@ -57,6 +57,15 @@ def register(sub) -> None:
         help="next layer's inputs from the fp layer (AWQ, default) or the quantized one",
     )
     p.add_argument("--batch-tokens", type=int, default=16384, help="calibration tokens per forward chunk")
+    p.add_argument(
+        "--rounding",
+        choices=("rtn", "gptq"),
+        default="rtn",
+        help="after the scales: round to nearest (default) or GPTQ error compensation on the same grid "
+        "(uses the calibration data; with --apply the calibration forward is still run)",
+    )
+    p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, relative to mean(diag H)")
+    p.add_argument("--gptq-block", type=int, default=128, help="GPTQ columns per lazy-update block (speed only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -88,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         clip=args.clip,
         propagate=args.propagate,
         batch_tokens=args.batch_tokens,
+        rounding=args.rounding,
+        gptq_damp=args.gptq_damp,
+        gptq_block=args.gptq_block,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

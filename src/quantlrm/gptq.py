@@ -1,0 +1,187 @@
+"""GPTQ rounding: quantize a linear column by column, pushing each column's rounding error
+onto the columns not yet quantized so that the layer's OUTPUT error stays small.
+
+Used after the scale search (`QuantizeOptions.rounding="gptq"`): the searched scales are
+already folded into the weight, so the Hessian must be that of the scaled inputs
+(`scale_hessian`). The grid is exactly `quantlrm.quantizer.quantize`'s (asymmetric,
+per group of input channels), so the result is a `QuantResult` every export format takes.
+
+Facts from the GPTQ paper (Frantar et al., 2022): objective ||W X - Q X||^2 with Hessian
+H = 2/n X^T X; the optimal update after rounding column j is -err_j / [H^-1]_jj times row j
+of H^-1, after which j is removed from H^-1 (a Schur complement); the rows of the upper
+Cholesky factor of H^-1 give all these rows at once, and updates are applied lazily per
+block of columns. Groups take their grid from the already-updated weights when the group
+starts (no static groups, no act-order, so the group layout stays contiguous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantlrm.errors import QuantLRMError
+from quantlrm.quantizer import QuantResult, check_config, quantize
+
+DAMP_RETRIES = 4  # damping x10 per retry when H (+damping) is not positive definite
+
+
+class HessianAccumulator:
+    """Running sum of x^T x over calibration tokens; memory is [in, in] whatever the token count."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", chunk_tokens: int = 4096):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+        self.chunk_tokens = chunk_tokens
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        for c in x2.split(self.chunk_tokens):  # bounded fp32 copy of the (16-bit) activations
+            c = c.to(self.sum.device, torch.float32)
+            self.sum.addmm_(c.T, c)
+        self.n += x2.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n X^T X (fp32)."""
+        if self.n == 0:
+            raise QuantLRMError("no calibration tokens reached this linear.", "give more calibration samples.")
+        return self.sum * (2.0 / self.n)
+
+
+def scale_hessian(h: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """Hessian of the inputs x / s that a linear sees after its columns were multiplied by s."""
+    if s is None:
+        return h
+    inv = 1.0 / s.to(h)
+    return h * inv[:, None] * inv[None, :]
+
+
+@dataclass
+class GPTQStats:
+    loss: float  # GPTQ's sum of (w - q)^2 / [H^-1]_jj / 2: the objective 1/2 tr(E H E^T)
+    loss_rtn: float  # the same objective for round-to-nearest on the same grid rule
+    damp: float  # relative damping that made H positive definite
+    dead_inputs: int  # input channels no calibration token used (weight column zeroed)
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "loss_rtn": self.loss_rtn, "damp": self.damp, "dead_inputs": self.dead_inputs}
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d = damp
+    for _ in range(DAMP_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, d
+        d *= 10
+    raise QuantLRMError(
+        f"the calibration Hessian is not positive definite even with damping {d / 10:g}.",
+        "raise --gptq-damp (e.g. 0.1), or give more / more varied calibration text.",
+    )
+
+
+def damped_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """H with GPTQ's handling of dead inputs (diagonal 1) and relative damping added."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    return h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def objective(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """1/2 tr((W - Q) H (W - Q)^T): with H = 2/n X^T X, the mean over tokens of ||(W - Q) x||^2."""
+    e = (w - wq).to(h)
+    return float(0.5 * ((e @ h) * e).sum())
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    clip_max: torch.Tensor | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+) -> tuple[QuantResult, GPTQStats]:
+    """Quantize `w` [out, in] with GPTQ's error compensation under Hessian `h` [in, in].
+
+    Works in fp64 when `h` is fp64 (tests), else fp32. `clip_max` [out, in/g] clamps each
+    group to [-clip, clip] before its grid is chosen and before rounding, as `quantize` does.
+    """
+    if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise QuantLRMError(
+            f"GPTQ needs a weight [out, in] and a Hessian [in, in]; got {tuple(w.shape)} and {tuple(h.shape)}.",
+            "pass the Hessian of this linear's inputs.",
+        )
+    if damp <= 0 or block < 1:
+        raise QuantLRMError(f"GPTQ damping {damp} / block {block} is invalid.", "use damp > 0 and block >= 1.")
+    out, inp = w.shape
+    g = check_config(bits, group_size, inp)
+    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    max_int = 2**bits - 1
+    W = w.detach().to(dt).clone()
+    H = h.detach().to(dt).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    U, used_damp = _inverse_cholesky(H, damp)
+
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
+    scale = torch.empty(out, inp // g, dtype=torch.float32, device=W.device)
+    zero = torch.empty(out, inp // g, dtype=torch.uint8, device=W.device)
+    w0 = W.clone()  # after dead-column zeroing: what the objective is measured against
+    loss = torch.zeros((), dtype=dt, device=W.device)
+    s_col = z_col = c_col = None
+    for i1 in range(0, inp, block):
+        i2 = min(i1 + block, inp)
+        W1 = W[:, i1:i2].clone()  # [out, b], kept up to date inside the block
+        E1 = torch.zeros_like(W1)  # scaled errors err / U[j, j], for the lazy update
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                cur = _current_group(W, W1, E1, U, i1, i2, i, col, g)  # [out, g]
+                gi = col // g
+                c_col = clip_max[:, gi].to(dt)[:, None] if clip_max is not None else None
+                gq = quantize(cur, bits, g, clip_max=clip_max[:, gi : gi + 1] if clip_max is not None else None)
+                scale[:, gi], zero[:, gi] = gq.scale[:, 0], gq.zero[:, 0]
+                s_col, z_col = gq.scale[:, 0].to(dt), gq.zero[:, 0].to(dt)
+            x = W1[:, i]
+            xc = torch.maximum(torch.minimum(x, c_col[:, 0]), -c_col[:, 0]) if c_col is not None else x
+            q = (torch.round(xc / s_col) + z_col).clamp(0, max_int)
+            codes[:, col] = q.to(torch.uint8)
+            deq = (q - z_col) * s_col
+            d = U[col, col]
+            err = (x - deq) / d
+            loss += (x - deq).pow(2).sum() / (2 * d * d)
+            W1[:, i:] -= err[:, None] * U[col, i1 + i : i2][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's deferred update of all later columns
+
+    result = QuantResult(codes=codes, scale=scale, zero=zero, bits=bits, group_size=g)
+    hd = damped_hessian(h.to(dt), used_damp)
+    rtn = quantize(w0, bits, g, clip_max=clip_max).dequant(torch.float32)
+    stats = GPTQStats(
+        loss=float(loss),
+        loss_rtn=objective(w0, rtn, hd),
+        damp=used_damp,
+        dead_inputs=int(dead.sum()),
+    )
+    return result, stats
+
+
+def _current_group(W, W1, E1, U, i1: int, i2: int, i: int, col: int, g: int) -> torch.Tensor:
+    """The group's columns as they are now: inside the block W1 is current; columns past the
+    block still lack the block's pending update from its first i columns."""
+    end = col + g
+    inside = W1[:, i : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    beyond = W[:, i2:end] - E1[:, :i] @ U[i1 : i1 + i, i2:end]
+    return torch.cat([inside, beyond], dim=1)
