@@ -9,7 +9,8 @@ For each zoo model, in one seeded run (GPU, or CPU at toy sizes):
 3. the SFT, DPO and RL models at 16 bits, then the RL model quantized at each setting (W3 g128
    and W4 g128 with every method; harder settings such as W3 per-channel and W2 g128 with the
    main ones) by RTN, AWQ and QuantLRM (ours, `quantlrm.pipeline`) and llm-compressor GPTQ and
-   AWQ (`benchmarks/llmc_baseline.py`, when llmcompressor is importable), then QuantLRM options;
+   AWQ (`benchmarks/llmc_baseline.py`, when llmcompressor is importable), at W3 g128 and W2 g128
+   also our pipeline with GPTQ rounding (QuantLRM's scales, and plain GPTQ), then QuantLRM options;
 4. optional extras on one model: the pseudo-fine-tuning curve (`quantlrm.finetune`, Figure 3)
    and the protection table (`quantlrm.protect`, 5%) over all signals.
 
@@ -80,13 +81,20 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "quantlrm-mean": ("QuantLRM (group mean)", "ours", dict(method="quantlrm", group_importance="mean")),
     "quantlrm-act": ("QuantLRM (act factor)", "ours", dict(method="quantlrm", act_factor=True)),
     "quantlrm-prev": ("QuantLRM (SFT->DPO signals)", "ours", dict(method="quantlrm", signals="prev")),
+    # QuantLRM's scales, then GPTQ's error-compensated rounding instead of round-to-nearest
+    "quantlrm-gptq": ("QuantLRM + GPTQ rounding", "ours", dict(method="quantlrm", rounding="gptq")),
+    "gptq-ours": ("GPTQ (ours: RTN scales + GPTQ rounding)", "ours", dict(method="rtn", rounding="gptq")),
 }
 BASELINES = ["RTN", "AWQ (ours)", "GPTQ (llm-compressor)", "AWQ (llm-compressor)"]
+# Further paired comparisons in the report: (method, its baselines), when both rows exist.
+EXTRA_COMPARISONS = [("QuantLRM + GPTQ rounding", ["QuantLRM", "GPTQ (llm-compressor)",
+                                                   "GPTQ (ours: RTN scales + GPTQ rounding)"])]
 
 # First-guess seconds per decoder layer of a quantization call, before one was measured
 # (run 2, llama-30m with 8 layers on an H100: ours 1-2 s, llm-compressor GPTQ 9.6 s, AWQ 36.5 s;
 # rounded up), and of one evaluation of all test questions (run 2: 2-5 s per 1000).
-DEFAULT_PER_LAYER = {"ours": 0.4, "gptq": 1.5, "awq": 5.0, "protect": 0.4}
+# "ours-gptq" (our pipeline with GPTQ rounding) is not measured yet: a guess of twice "ours".
+DEFAULT_PER_LAYER = {"ours": 0.4, "ours-gptq": 0.8, "gptq": 1.5, "awq": 5.0, "protect": 0.4}
 DEFAULT_EVAL_S = 8.0
 
 
@@ -401,7 +409,7 @@ class ModelRun:
 
     def run_method(self, key: str, setting: str) -> None:
         label, kind, opts = METHODS[key]
-        est_key = "ours" if kind == "ours" else opts["method"]
+        est_key = opts["method"] if kind == "llmc" else "ours-gptq" if opts.get("rounding") == "gptq" else "ours"
         est = self.guess(est_key)
         bits, group = parse_setting(setting)
         if not self.affordable(f"{label} {setting_label(setting)}", est):
@@ -532,6 +540,9 @@ class ModelRun:
         blocks = ([(s, a.main_methods) for s in a.full_settings] + [(s, a.hard_methods) for s in a.hard_settings]
                   + [(s, a.option_methods) for s in a.option_settings])
         for s, keys in blocks:
+            if s in a.gptq_settings:  # GPTQ-rounding rows right after the default QuantLRM row
+                at = keys.index("quantlrm") + 1 if "quantlrm" in keys else len(keys)
+                keys = keys[:at] + [k for k in a.gptq_methods if k not in keys] + keys[at:]
             items += [(k, s) for k in keys if f"{k}@{s}" not in a.skip and (k, s) not in items]
             if a.run_extras and a.extras_after == s and "extras" not in items:
                 items.append("extras")
@@ -649,17 +660,18 @@ def markdown(results: list[dict]) -> str:
                 out.append("| " + " | ".join(cells) + " |")
         n = next((x.get("n_per_task") for x in rows if x.get("n_per_task")), None)
         out.append(f"\n{n} questions per task, {None if n is None else n * len(order)} per row.\n")
-        cmp_ = zoo_stats.compare_rows(rows, order, "QuantLRM", BASELINES)
-        if cmp_:
-            out.append("QuantLRM against each baseline at each setting, on the same questions (b = only QuantLRM right, "
-                       "c = only the baseline right; exact two-sided McNemar p):\n")
-            out.append("| Setting | Baseline | QuantLRM avg | Baseline avg | Diff (points) | b | c | p |")
-            out.append("|---|---|---|---|---|---|---|---|")
-            for c in cmp_:
-                out.append(f"| {setting_label(c['setting'])} | {c['baseline']} | {c['method_avg']:.2f} | "
-                           f"{c['baseline_avg']:.2f} | {c['diff_points']:+.2f} | {c['b']} | {c['c']} | "
-                           f"{c['p']:.3g} |")
-            out.append("")
+        for method, baselines in [("QuantLRM", BASELINES), *EXTRA_COMPARISONS]:
+            cmp_ = zoo_stats.compare_rows(rows, order, method, baselines)
+            if cmp_:
+                out.append(f"{method} against each baseline at each setting, on the same questions (b = only "
+                           f"{method} right, c = only the baseline right; exact two-sided McNemar p):\n")
+                out.append(f"| Setting | Baseline | {method} avg | Baseline avg | Diff (points) | b | c | p |")
+                out.append("|---|---|---|---|---|---|---|---|")
+                for c in cmp_:
+                    out.append(f"| {setting_label(c['setting'])} | {c['baseline']} | {c['method_avg']:.2f} | "
+                               f"{c['baseline_avg']:.2f} | {c['diff_points']:+.2f} | {c['b']} | {c['c']} | "
+                               f"{c['p']:.3g} |")
+                out.append("")
         if r.get("errors"):
             out.append("Failures: " + "; ".join(r["errors"]) + "\n")
         if r.get("skipped"):
@@ -795,6 +807,10 @@ def parse_args(argv=None):
     ap.add_argument("--main-methods", default="rtn,awq,quantlrm,gptq-llmc,awq-llmc")
     ap.add_argument("--hard-settings", default="w3pc,w2g128", help="harder settings (comma list, '' for none)")
     ap.add_argument("--hard-methods", default="rtn,awq,quantlrm,gptq-llmc")
+    ap.add_argument("--gptq-settings", default="w3g128,w2g128",
+                    help="settings that also get --gptq-methods, right after QuantLRM ('' for none)")
+    ap.add_argument("--gptq-methods", default="quantlrm-gptq,gptq-ours",
+                    help="our pipeline with GPTQ rounding: QuantLRM scales, and plain (RTN scales)")
     ap.add_argument("--option-settings", default="w3g128")
     ap.add_argument("--option-methods", default="quantlrm-act,quantlrm-mean,quantlrm-prev")
     ap.add_argument("--skip", default="", help="comma list of key@setting rows to leave out, e.g. awq-llmc@w4g128")
@@ -825,9 +841,9 @@ def parse_args(argv=None):
     if abs(sum(a.stage_shares) - 1) > 1e-6:
         raise SystemExit(f"--stage-shares must add up to 1, got {sum(a.stage_shares)}")
     a.full_settings, a.hard_settings = _settings(a.full_settings), _settings(a.hard_settings)
-    a.option_settings = _settings(a.option_settings)
+    a.option_settings, a.gptq_settings = _settings(a.option_settings), _settings(a.gptq_settings)
     a.main_methods, a.hard_methods = _keys(a.main_methods), _keys(a.hard_methods)
-    a.option_methods = _keys(a.option_methods)
+    a.option_methods, a.gptq_methods = _keys(a.option_methods), _keys(a.gptq_methods)
     a.skip = [x.strip().lower() for x in a.skip.split(",") if x.strip()]
     a.extras_after = a.extras_after.strip().lower() or None
     return a
