@@ -115,8 +115,14 @@ def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
                     m(x)
 
             t = graph_time(run) / len(mods)
+            chosen = None
+            if hasattr(mods[0], "weight_layout"):
+                from quantlrm.kernels import choose
+
+                c = choose(x, mods[0].weight_layout)
+                chosen = f"{c.kind} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2}"
             nbytes = statistics.mean(module_bytes(m) for m in mods) + 2 * (k + mods[0].out_features)
-            rows.append(dict(linear=short, precision=prec, out=mods[0].out_features, inp=k,
+            rows.append(dict(linear=short, precision=prec, out=mods[0].out_features, inp=k, chosen=chosen,
                              us=t * 1e6, bytes=nbytes, gbps=nbytes / t / 1e9, frac_copy_bw=nbytes / t / peak))
     return rows
 
@@ -313,7 +319,7 @@ def main() -> None:
         dump()
         for r in res["gemv"]:
             print(f"gemv {r['linear']:9s} {r['precision']:4s} {r['out']}x{r['inp']}: {r['us']:7.1f} us "
-                  f"{r['gbps']:6.0f} GB/s ({r['frac_copy_bw']:.0%} of copy bw)", flush=True)
+                  f"{r['gbps']:6.0f} GB/s ({r['frac_copy_bw']:.0%} of copy bw) {r['chosen'] or ''}", flush=True)
         if args.gemv_only:
             return
         gate = [m for _, m in sets["W4"]["gate_proj"]]

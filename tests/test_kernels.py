@@ -53,8 +53,9 @@ def test_pack_matches_compressed_tensors(bits, cols):
 @pytest.mark.parametrize("bits,g,cols", [(2, 128, 256), (3, 128, 256), (4, 64, 192), (8, 32, 96),
                                          (3, 100, 100), (4, 300, 300), (3, 96, 288), (3, 256, 512)])
 def test_block_layout_round_trips_and_matches_its_definition(bits, g, cols):
-    """Word j of block b holds channel b*B + j + i*W at bits i*bits (module docstring), checked
-    one code at a time, plus the vectorised unpacking."""
+    """Code i of word j of block b is channel b*B + 2*((i % H)*W + j) + i // H, at bit
+    bits*(i % H) + 16*(i // H) (module docstring), checked one code at a time, plus the
+    vectorised unpacking."""
     codes = torch.randint(0, 2**bits, (3, cols), dtype=torch.uint8)
     packed = L.pack_blocks(codes, bits, g)
     B, P = L.block_size(g, cols), L.codes_per_word(bits)
@@ -63,9 +64,10 @@ def test_block_layout_round_trips_and_matches_its_definition(bits, g, cols):
     for row in range(3):
         for k in range(cols):
             b, r = divmod(k, B)
-            i, j = divmod(r, W)
+            half = r % 2
+            pair, j = divmod(r // 2, W)
             word = int(packed[row, b * W + j]) & 0xFFFFFFFF
-            assert (word >> (i * bits)) & (2**bits - 1) == int(codes[row, k])
+            assert (word >> (bits * pair + 16 * half)) & (2**bits - 1) == int(codes[row, k])
     assert torch.equal(L.unpack_blocks(packed, bits, g, cols), codes)
 
 
@@ -219,7 +221,7 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
         for m in (1, 5, 33, 64):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = _ref(x, q, dtype)
-            for c in candidates(kw, m):
+            for c in candidates(kw, m, dtype):
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
                 assert _relerr(y, ref) < tol, (n, k, m, c, _relerr(y, ref))

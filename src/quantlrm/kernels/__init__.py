@@ -10,7 +10,7 @@ CUDA graph is being captured never time anything: warm up before capturing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,14 +57,16 @@ class Config:
     """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS).
 
     gemv: block_n rows per program, one layout block per step, x32: activations converted to
-    fp32 once before the kernel instead of per code inside it; gemm: block_m x block_n
-    tiles, one layout block per step; split_k > 1 splits the blocks of a row over programs."""
+    fp32 once before the kernel instead of per code inside it, half2: fp16 arithmetic on code
+    pairs (fp16 activations, 2-4 bits; `_gemv_h2_kernel`); gemm: block_m x block_n tiles, one
+    layout block per step; split_k > 1 splits the blocks of a row over programs."""
 
     kind: str
     block_m: int = 16
     block_n: int = 32
     x32: bool = False
     split_k: int = 1
+    half2: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -79,10 +81,25 @@ GEMV_CONFIGS = (
 )
 
 
-def candidates(kw: KernelWeight, m: int) -> list[Config]:
+def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
+    """The half2 GEMV runs fp16 activations with 2-4 bit codes, compiled only (inline PTX)."""
+    return dtype == torch.float16 and kw.bits <= 4 and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+# The half2 GEMV's tiles: more words per thread amortise the per-row work (SASS counts,
+# benchmarks/gemv_sweep.py); timed by the tuner alongside the fp32 ones.
+GEMV_H2_CONFIGS = (
+    Config("gemv", block_n=64, num_warps=4, split_k=8), Config("gemv", block_n=128, num_warps=4, split_k=8),
+    Config("gemv", block_n=64, num_warps=4, split_k=4), Config("gemv", block_n=128, num_warps=8, split_k=4),
+    Config("gemv", block_n=32, num_warps=2, split_k=8), Config("gemv", block_n=128, num_warps=4, split_k=16),
+)
+
+
+def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> list[Config]:
     """The configurations tried for `m` activation rows (the first one never needs timing)."""
     if m == 1:
-        return list(GEMV_CONFIGS) + [Config("gemm", block_m=16, block_n=64, split_k=2)]
+        h2 = [replace(c, half2=True) for c in GEMV_H2_CONFIGS] if half2_ok(kw, dtype) else []
+        return list(GEMV_CONFIGS) + h2 + [Config("gemm", block_m=16, block_n=64, split_k=2)]
     if m <= 16:
         tiles = ((16, 64, 1, 4, 3), (16, 32, 4, 4, 3), (16, 128, 2, 4, 3))
     elif m <= 64:
@@ -133,10 +150,18 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     if cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
-        tk._gemv_kernel[grid](x2.float() if cfg.x32 else x2, kw.packed, kw.scale, kw.zero, y, n, k, nb, per,
-                              kw.packed.stride(0), kw.scale.stride(0), (1 << kw.bits) - 1, P=kw.per_word,
-                              W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
-                              EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0, ATOMIC=split > 1, **common)
+        xin = x2.float() if cfg.x32 and not cfg.half2 else x2
+        if k % 2:  # the kernels read activation pairs
+            xin = torch.nn.functional.pad(xin, (0, 1))
+        pairs = xin.view(torch.int64 if xin.dtype == torch.float32 else torch.int32)
+        args = (pairs, kw.packed, kw.scale, kw.zero, y, n, k, nb, per, kw.packed.stride(0), kw.scale.stride(0))
+        meta = dict(P=kw.per_word, W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
+                    EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0, ATOMIC=split > 1, **common)
+        if cfg.half2:
+            tk._gemv_h2_kernel[grid](*args, **meta)
+        else:
+            xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
+            tk._gemv_kernel[grid](*args, (1 << kw.bits) - 1, XKIND=xkind, **meta)
     else:
         grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), split)
         tk._gemm_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, m, n, k, nb, per, x2.stride(0), y.stride(0),
@@ -201,7 +226,7 @@ def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    cands = candidates(kw, m)
+    cands = candidates(kw, m, x2.dtype)
     if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
         return cands[0]  # no timing possible now: the first candidate is always valid
     # Time each candidate over enough copies of the weight to overflow L2 (~100 MB), so the

@@ -12,10 +12,13 @@ with one shift and one mask and reads the activations it needs as short contiguo
 - a row is cut into blocks of B input channels (B = 128 when the group size is a multiple of
   128 or the row has one group; else B = the group size, or its largest divisor in 32..128),
   so every block lies inside one group and needs one scale and one zero point;
-- a word holds P codes (P = 32 // bits; 10 for 3 bits, bits 30-31 unused) and a block has
-  W = ceil(B / P) words: word j of a block holds the block's channels j, j + W, ..., j + (P-1)W
-  (channels past B are zero padding). Code i of every word of a block is therefore the block's
-  channels i*W .. i*W + W - 1, in order.
+- a word holds P codes (P = 32 // bits; 10 for 3 bits) as two 16-bit halves of H = P/2 codes,
+  code i at bit R(i) = bits*(i % H) + 16*(i // H) (3 bits: bits 15 and 31 unused). A block has
+  W = ceil(B / P) words. The two halves of a word hold neighbouring channels: code i of word j
+  is the block's channel 2*((i % H)*W + j) + i // H (channels past B are zero padding). So the
+  code pair (i, i + H) sits at bits r and r + 16 and multiplies the activation pair
+  (2m, 2m + 1), m = (i % H)*W + j: one 32-bit load of fp16 activations and one and-or per
+  pair give the half2 operands of the fp16 GEMV (`_gemv_h2_kernel`).
 - the row is padded with zero codes to a whole number of blocks.
 Sizes per weight: W4 exactly 4 bits, W3 3.25 bits at B = 128 (13 words for 128 codes), W2 2,
 W8 8; plus the scale and zero point per group in the activation dtype (zero points are small
@@ -91,6 +94,9 @@ def block_size(group_size: int, in_features: int) -> int:
 def geometry(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int]:
     """(B, P, W, n_blocks): channels per block, codes per word, words per block, blocks per row."""
     b, p = block_size(group_size, in_features), codes_per_word(bits)
+    if b % 2:
+        raise QuantLRMError(f"group size {group_size} is odd; the kernels' layout pairs channels.",
+                            "quantize with an even group size such as 128.")
     return b, p, math.ceil(b / p), math.ceil(in_features / b)
 
 
@@ -130,15 +136,23 @@ class KernelWeight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
 
 
+def _shifts(bits: int, p: int, device) -> torch.Tensor:
+    """Bit offset R(i) of code i in its word, shaped [H, 2] as (i % H, i // H)."""
+    h = p // 2
+    r = torch.arange(h, device=device, dtype=torch.int64).mul_(bits).view(h, 1)
+    return r + torch.tensor([0, 16], device=device, dtype=torch.int64).view(1, 2)
+
+
 def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout."""
     out, inp = codes.shape
     b, p, w, nb = geometry(bits, group_size, inp)
     c = torch.zeros(out, nb * b, dtype=torch.int64, device=codes.device)
     c[:, :inp] = codes.to(torch.int64)
-    c = torch.nn.functional.pad(c.view(out, nb, b), (0, p * w - b)).view(out, nb, p, w)
-    shifts = torch.arange(p, device=codes.device, dtype=torch.int64).mul_(bits).view(1, 1, p, 1)
-    words = (c << shifts).sum(dim=2)  # [out, nb, w]; disjoint bit fields, so sum == or
+    # channel 2*(pp*W + j) + half -> [out, nb, pp, j, half]
+    c = torch.nn.functional.pad(c.view(out, nb, b), (0, p * w - b)).view(out, nb, p // 2, w, 2)
+    sh = _shifts(bits, p, codes.device).view(1, 1, p // 2, 1, 2)
+    words = (c << sh).sum(dim=(2, 4))  # [out, nb, w]; disjoint bit fields, so sum == or
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32).view(out, nb * w)
 
@@ -147,9 +161,9 @@ def unpack_blocks(packed: torch.Tensor, bits: int, group_size: int, in_features:
     """Inverse of `pack_blocks`: uint8 codes [out, in]."""
     out = packed.shape[0]
     b, p, w, nb = geometry(bits, group_size, in_features)
-    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, 1, w)
-    shifts = torch.arange(p, device=packed.device, dtype=torch.int64).mul_(bits).view(1, 1, p, 1)
-    c = ((words >> shifts) & ((1 << bits) - 1)).view(out, nb, p * w)[:, :, :b]
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, 1, w, 1)
+    sh = _shifts(bits, p, packed.device).view(1, 1, p // 2, 1, 2)
+    c = ((words >> sh) & ((1 << bits) - 1)).reshape(out, nb, p * w)[:, :, :b]
     return c.reshape(out, nb * b)[:, :in_features].to(torch.uint8)
 
 

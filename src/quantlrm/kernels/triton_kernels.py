@@ -3,7 +3,7 @@
 No integer-to-float conversion (a quarter-rate instruction on Hopper, which made the first
 version ALU-bound): or-ing a code's bits into the mantissa of a suitable power of two gives an
 fp32 number whose value is that power plus the code, so q - z is one exact subtraction.
-Code i of the words of a block multiplies a contiguous run of W activations.
+Code i of the words of a block multiplies the activations 2*((i % H)*W + j) + i // H.
 
 - `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks their
   blocks one per step (split-K over blocks with fp32 atomics); weights are read once with wide
@@ -23,18 +23,32 @@ _TWO23 = tl.constexpr(8388608.0)
 
 
 @triton.jit
+def _x_pair(v, XKIND: tl.constexpr):
+    """Split a loaded activation pair (int32: two fp16/bf16, int64: two fp32) into fp32 halves."""
+    if XKIND == 2:
+        lo = v.to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        dt: tl.constexpr = tl.float16 if XKIND == 0 else tl.bfloat16
+        lo = v.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
                  N, K, n_blocks, blocks_per_split, stride_p, stride_s, code_mask,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                 W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
+                 W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, XKIND: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr):
-    # Every tensor in the loop has the words' layout or a slice of it: x is loaded through a
+    # Every tensor in the loop has the words' layout or a slice of it: x is loaded as activation
+    # pairs (x_ptr: int32 pairs of fp16/bf16, or int64 pairs of fp32; K even) through a
     # [BLOCK_N, W_PAD] pointer (rows repeat the same addresses, served by L1) rather than as a
     # vector, so the compiler needs no shared-memory layout conversion per code.
     # A code is decoded where it lies: its bits r..r+BITS-1 or-ed into the fp32 number
     # 2^(23-r), whose mantissa unit is 2^-r, give 2^(23-r) + q exactly. One and-or (the mask is
     # a run-time value, so it sits in a register and and+or fuse into one LOP3), no shift; the
-    # upper half of the word is shifted down once.
+    # upper 16 bits of the word (the pair's second code) are shifted down once.
     H: tl.constexpr = P // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -54,24 +68,26 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
         else:
             words = tl.load(pw, mask=wmask, other=0)
         words = words.to(tl.uint32, bitcast=True)
-        upper = words >> (BITS * H)
+        upper = words >> 16
         grp = blk // GB if GB > 0 else 0
         s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
         t = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)
-        for i in tl.static_range(P):
-            R = BITS * (i % H)  # bit offset of code i in its half of the word (P is even)
-            src = words if i < H else upper
-            q = (src & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
+        for p in tl.static_range(H):
+            R = BITS * p  # bit offset of the pair's codes in the word and in `upper`
             zc = z + 8388608.0 / (1 << R)  # 2^(23-R) + z
-            kx = blk * B + i * W + jj  # [W_PAD]: channels of code i of this block's words
-            px = x_ptr + (zero2 + kx[None, :])
-            if (i + 1) * W > B or not EVEN_K:  # past the block's (or the row's) last channel
-                mx = (i * W + jj < B) & (kx < K)
-                xi = tl.load(px, mask=(zero2 == 0) & mx[None, :], other=0.0)
-            else:  # lanes past W read the next block's x; they are dropped below
-                xi = tl.load(px)
-            t += (q.to(tl.float32, bitcast=True) - zc[:, None]) * xi.to(tl.float32)
+            kp = blk * (B // 2) + p * W + jj  # [W_PAD]: activation pairs of code pair p
+            px = x_ptr + (zero2 + kp[None, :])
+            if 2 * (p * W + W_PAD) > B or not EVEN_K:  # lanes past the block's (or the row's) end
+                inb = (2 * (p * W + jj) < B) & (2 * kp < K)
+                xp = tl.load(px, mask=(zero2 == 0) & inb[None, :], other=0)
+            else:  # lanes past W read later pairs of this block; they are dropped below
+                xp = tl.load(px)
+            x_lo, x_hi = _x_pair(xp, XKIND)
+            q_lo = (words & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
+            q_hi = (upper & (cmask << R)) | ((150 - R) << 23)
+            t += (q_lo.to(tl.float32, bitcast=True) - zc[:, None]) * x_lo
+            t += (q_hi.to(tl.float32, bitcast=True) - zc[:, None]) * x_hi
         if W != W_PAD:
             t = tl.where((jj < W)[None, :], t, 0.0)
         acc += tl.sum(t, axis=1) * s
@@ -94,9 +110,9 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    r = tl.arange(0, B_PAD)  # channel within a block
-    widx = r % W
-    shift = (r // W) * BITS
+    r = tl.arange(0, B_PAD)  # channel within a block: code (r//2)//W + H*(r%2) of word (r//2)%W
+    widx = (r // 2) % W
+    shift = ((r // 2) // W) * BITS + (r % 2) * 16
     b_begin = pid_k * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -136,13 +152,102 @@ def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
     grp = (blk * B) // G
     s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
     zc = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
+    H: tl.constexpr = P // 2
     for i in tl.static_range(P):
-        q = ((words >> (i * BITS)) & MASK) | _MAGIC
+        q = ((words >> (BITS * (i % H) + 16 * (i // H))) & MASK) | _MAGIC
         w = (q.to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
-        k = blk * B + i * W + jj
-        m = mask_n[:, None] & ((jj < W) & (i * W + jj < B) & (k < K))[None, :]
+        ch = 2 * ((i % H) * W + jj) + i // H
+        k = blk * B + ch
+        m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
         tl.store(w_ptr + rows[:, None] * K + k[None, :], w.to(w_ptr.dtype.element_ty), mask=m)
 
 
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
+
+
+# fp16 GEMV with half2 arithmetic. One and-or puts a code pair (bits r and r + 16 of a word,
+# r + BITS <= 10) into the mantissas of two fp16 1024s: 1024 + c * 2^r each. One half2 fma
+# scales that to (c - z) / 16 (exact: small integers over 16), one more multiplies the
+# activation pair and accumulates. So a pair of codes costs 3 instructions instead of about 7
+# in fp32. The /16 keeps every product at most |x|: the fp16 sum of one word's P products
+# overflows only if the activations reach ~65504 / P; it is widened to fp32 once per word.
+_PAIR_ASM = tl.constexpr("""{
+.reg .b32 v;
+lop3.b32 v, $2, $3, 0x64006400, 0xEA;
+fma.rn.f16x2 v, v, $4, $5;
+fma.rn.f16x2 $0, v, $6, $1;
+}""")
+_WIDEN_ASM = tl.constexpr("""{
+.reg .b16 l, h;
+.reg .f32 a;
+mov.b32 {l, h}, $1;
+add.rn.f16 l, l, h;
+cvt.f32.f16 a, l;
+mov.b32 $0, a;
+}""")
+
+
+@triton.jit
+def _h2_pair(acc, src, mask, mult, nz, x):
+    return tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r,r,r", [acc, src, mask, mult, nz, x],
+                                     dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
+                    N, K, n_blocks, blocks_per_split, stride_p, stride_s,
+                    BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
+                    W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
+                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr):
+    # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
+    # `_gemv_kernel`; code pair p of word j multiplies the activation pair p*W + j of the block.
+    H: tl.constexpr = P // 2
+    FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    jj = tl.arange(0, W_PAD)
+    mask_n = rows < N
+    wmask = mask_n[:, None] & (jj < W)[None, :]
+    b_begin = pid_k * blocks_per_split
+    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
+    zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
+    acc2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)  # reduced across words once, at the end
+    for blk in range(b_begin, b_end):
+        pw = p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :]
+        if EVEN_N and W == W_PAD:
+            words = tl.load(pw)
+        else:
+            words = tl.load(pw, mask=wmask, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        shifted = words >> (BITS * FIT)
+        grp = blk // GB if GB > 0 else 0
+        s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float16)
+        h = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
+        for p in tl.static_range(H):
+            R = BITS * (p % FIT)  # bit offset of the pair in `src` (an in-place one, or shifted)
+            src = words if p < FIT else shifted
+            nz16 = (z * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            nz = zero2 + (nz16 | (nz16 << 16))[:, None]
+            mult = zero2 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
+            mask = zero2 + (((1 << BITS) - 1) << R) * 0x10001
+            kp = blk * (B // 2) + p * W + jj  # [W_PAD] activation pairs
+            px = x_ptr + (zero2.to(tl.int32) + kp[None, :])
+            if 2 * (p * W + W_PAD) > B or not EVEN_K:
+                inb = (2 * (p * W + jj) < B) & (2 * kp < K)
+                xp = tl.load(px, mask=(zero2 == 0) & inb[None, :], other=0)
+            else:
+                xp = tl.load(px)
+            h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
+        part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True, pack=1)
+        t = part.to(tl.float32, bitcast=True)
+        acc2 += t * (s * 16.0)[:, None]
+    if W != W_PAD:
+        acc2 = tl.where((jj < W)[None, :], acc2, 0.0)
+    acc = tl.sum(acc2, axis=1)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
+    else:
+        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
