@@ -290,3 +290,42 @@ def test_quantlinear_compiles_without_graph_breaks():
     assert ops.count(torch.ops.quantlrm.qmatmul.default) == 2, ops
     torch._dynamo.reset()
     assert _relerr(torch.compile(net, fullgraph=True, backend="aot_eager")(x), want) < 1e-6
+
+
+def test_fused_projections_match_separate_and_compile(tmp_path):
+    """q/k/v and gate/up fused into one QuantLinear each: same logits as the separate layers,
+    one qmatmul per fused group under torch.compile(fullgraph=True), and a repeated input or
+    a different one in between still gives each slice its own columns."""
+    pytest.importorskip("quantlrm.export.compressed_tensors")
+    from quantlrm.nn import FusedSlice, build_quantized, fuse_projections
+
+    _export_tiny(tmp_path, 4, 32, model_type="llama")
+    qm = build_quantized(tmp_path, "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        want = qm(ids).logits
+        attn = qm.model.layers[0].self_attn
+        x = torch.randn(3, qm.config.hidden_size)
+        sep = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        assert fuse_projections(qm) == 4  # 2 layers x (qkv, gate/up)
+        assert isinstance(attn.k_proj, FusedSlice)
+        got = qm(ids).logits
+        assert _relerr(got, want) < 1e-6
+        x2 = torch.randn(3, qm.config.hidden_size)
+        q2 = attn.q_proj(x2)
+        k1 = attn.k_proj(x)  # another input: recomputed, not the stashed product of x2
+        assert torch.equal(k1, sep[1]) and torch.equal(attn.v_proj(x), sep[2])
+        assert torch.equal(attn.q_proj(x), sep[0]) and q2.shape == sep[0].shape
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(qm, fullgraph=True, backend=backend)(ids).logits
+    torch._dynamo.reset()
+    assert _relerr(out, want) < 1e-5
+    ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.quantlrm.qmatmul.default) == 2 * (1 + 1 + 1 + 1), ops  # qkv, o, gate_up, down

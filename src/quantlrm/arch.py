@@ -35,6 +35,8 @@ class Arch:
     linears: dict[str, str]  # short name -> path inside a decoder layer
     scale_groups: tuple[ScaleGroup, ...]
     layers_prefix: str = "model.layers"
+    # linears called on the same tensor, in this order (one fused launch at inference)
+    shared_inputs: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
     note: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -74,6 +74,68 @@ class QuantLinear(nn.Module):
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
 
 
+class FusedSlice(nn.Module):
+    """One of several projections of the same input (q/k/v, gate/up) served by one launch.
+
+    The first slice called computes the concatenated product and keeps it until every slice
+    has taken its columns from the same input tensor; at batch 1 that turns three latency-
+    bound GEMVs into one. A call with another input recomputes, so any call order is correct.
+    """
+
+    def __init__(self, fused: QuantLinear, index: int, start: int, stop: int, n: int):
+        super().__init__()
+        self.in_features, self.out_features = fused.in_features, stop - start
+        self.index, self.start, self.stop, self.n = index, start, stop, n
+        self.__dict__["fused"] = fused  # shared, not a child: its buffers are owned by the layer
+        fused._stash = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fused
+        st = f._stash
+        if st is None or st[0] is not x or self.index in st[2]:
+            st = (x, f(x), set())
+        st[2].add(self.index)
+        f._stash = None if len(st[2]) == self.n else st  # the last consumer releases it
+        return st[1][..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop} of a fused {self.fused.extra_repr()}"
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Concatenate the packed weights of linears that read the same input (architecture
+    table: `Arch.shared_inputs`) into one QuantLinear per layer and group; returns how many
+    fused linears were made. Skips groups whose members differ in bits, group size or bias."""
+    from quantlrm.arch import get_arch, num_layers
+
+    cfg = model.config.to_dict()
+    arch = get_arch(cfg)
+    made = 0
+    for layer in range(num_layers(cfg)):
+        for shorts in arch.shared_inputs:
+            names = [arch.linear_path(layer, s) for s in shorts]
+            mods = [model.get_submodule(n) for n in names]
+            if not all(isinstance(m, QuantLinear) for m in mods):
+                continue
+            kws = [m.weight_layout for m in mods]
+            same = {(k.bits, k.group_size, k.in_features, k.scale.dtype, m.bias is None) for k, m in zip(kws, mods)}
+            if len(same) != 1:
+                continue
+            kw = KernelWeight(torch.cat([k.packed for k in kws]), torch.cat([k.scale for k in kws]),
+                              torch.cat([k.zero for k in kws]), kws[0].bits, kws[0].group_size,
+                              kws[0].in_features, sum(k.out_features for k in kws))
+            bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+            fused = QuantLinear(kw, bias)
+            layer_mod = model.get_submodule(arch.layer_prefix(layer).rstrip("."))
+            layer_mod.add_module(f"fused_{'_'.join(shorts)}", fused)
+            start = 0
+            for i, (n, k) in enumerate(zip(names, kws)):
+                _set_module(model, n, FusedSlice(fused, i, start, start + k.out_features, len(kws)))
+                start += k.out_features
+            made += 1
+    return made
+
+
 def _quant_args(qcfg: dict) -> tuple[int, int | None]:
     """(bits, group_size) of a pack-quantized config; one weight scheme per model."""
     if qcfg.get("quant_method") != "compressed-tensors":
@@ -109,10 +171,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
-                   attn_implementation: str = "sdpa") -> nn.Module:
+                   attn_implementation: str = "sdpa", fuse: bool = True) -> nn.Module:
     """Load a quantlrm compressed-tensors export with QuantLinear layers, ready to `generate`.
 
     `dtype` is the activation dtype (default: the checkpoint's torch_dtype, fp16 if unset).
+    `fuse`: one launch for q/k/v and one for gate/up (`fuse_projections`).
     Packed models run on a CUDA GPU; on a CPU-only machine this raises QuantLRMError.
     """
     device = torch.device(device)
@@ -122,7 +185,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype:
             + (" and none is visible here." if not torch.cuda.is_available() else f", not {device}."),
             "run on a machine with an NVIDIA GPU, or evaluate the fake-quant export (--format fake) on CPU.",
         )
-    return build_quantized(path, device, dtype, attn_implementation)
+    model = build_quantized(path, device, dtype, attn_implementation)
+    if fuse:
+        fuse_projections(model)
+    return model
 
 
 def build_quantized(path: str | Path, device: str | torch.device, dtype: torch.dtype | None = None,
