@@ -118,7 +118,7 @@ def fuse_projections(model: nn.Module) -> int:
             if not all(isinstance(m, QuantLinear) for m in mods):
                 continue
             kws = [m.weight_layout for m in mods]
-            same = {(k.bits, k.group_size, k.in_features, k.scale.dtype, m.bias is None) for k, m in zip(kws, mods)}
+            same = {(k.bits, k.group_size, k.in_features, k.scale.dtype, m.bias is None) for k, m in zip(kws, mods, strict=True)}
             if len(same) != 1:
                 continue
             kw = KernelWeight(torch.cat([k.packed for k in kws]), torch.cat([k.scale for k in kws]),
@@ -129,7 +129,7 @@ def fuse_projections(model: nn.Module) -> int:
             layer_mod = model.get_submodule(arch.layer_prefix(layer).rstrip("."))
             layer_mod.add_module(f"fused_{'_'.join(shorts)}", fused)
             start = 0
-            for i, (n, k) in enumerate(zip(names, kws)):
+            for i, (n, k) in enumerate(zip(names, kws, strict=True)):
                 _set_module(model, n, FusedSlice(fused, i, start, start + k.out_features, len(kws)))
                 start += k.out_features
             made += 1
