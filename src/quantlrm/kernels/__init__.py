@@ -133,6 +133,26 @@ def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> t
     return w
 
 
+# Split-K workspaces of the GEMV, one per (device, N, splits, row tiles): fp32 partials and
+# self-re-arming counters. Kernels on one stream use them one after another; made outside
+# CUDA-graph capture (the tuner's first call), else the kernel falls back to atomics.
+_WS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if split == 1:
+        return None
+    key = (str(device), n, split, tiles)
+    ws = _WS.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        ws = (torch.empty(split, n, dtype=torch.float32, device=device),
+              torch.zeros(tiles, dtype=torch.int32, device=device))
+        _WS[key] = ws
+    return ws
+
+
 def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     """y [M, N] = x2 [M, K] @ W^T with one configuration."""
     from quantlrm.kernels import triton_kernels as tk
@@ -144,9 +164,13 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     nb = kw.n_blocks
     per = tk.cdiv(nb, cfg.split_k)
     split = tk.cdiv(nb, per)
-    y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if split > 1
+    ws = _workspace(x2.device, n, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" and m == 1 else None
+    atomic = split > 1 and ws is None
+    y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
+    if cfg.kind == "gemv" and m != 1:
+        raise ValueError("the GEMV configurations take one activation row")
     if cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
@@ -154,9 +178,12 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
         if k % 2:  # the kernels read activation pairs
             xin = torch.nn.functional.pad(xin, (0, 1))
         pairs = xin.view(torch.int64 if xin.dtype == torch.float32 else torch.int32)
-        args = (pairs, kw.packed, kw.scale, kw.zero, y, n, k, nb, per, kw.packed.stride(0), kw.scale.stride(0))
+        wsp, cnt = ws if ws is not None else (y, y)  # unused unless MODE 2
+        args = (pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per, kw.packed.stride(0),
+                kw.scale.stride(0))
         meta = dict(P=kw.per_word, W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
-                    EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0, ATOMIC=split > 1, **common)
+                    EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
+                    MODE=0 if split == 1 else (1 if atomic else 2), **common)
         if cfg.half2:
             tk._gemv_h2_kernel[grid](*args, **meta)
         else:

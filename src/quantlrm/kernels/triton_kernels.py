@@ -36,11 +36,35 @@ def _x_pair(v, XKIND: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
+def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.constexpr):
+    """A GEMV program's [BLOCK_N] result. MODE 0: the only split, store. MODE 1: fp32 atomics
+    into a zeroed y (needs a fill and a cast launch around the kernel). MODE 2: split-K
+    reduced in the kernel: each split stores its partial to the workspace, and the last split
+    of a row tile to arrive (counted with an atomic) sums them in split order and stores y,
+    then re-arms the counter. One launch, no fill or cast, and deterministic."""
+    if MODE == 0:
+        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    elif MODE == 1:
+        tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
+    else:
+        pid_n = tl.program_id(0)
+        tl.store(ws_ptr + tl.program_id(1) * N + rows, acc, mask=mask_n)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == n_split - 1:
+            tot = tl.zeros_like(acc)
+            for k in range(n_split):  # .cg: read L2, never a stale L1 line of an earlier call
+                tot += tl.load(ws_ptr + k * N + rows, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + rows, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                  N, K, n_blocks, blocks_per_split, stride_p, stride_s, code_mask,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                  W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, XKIND: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr):
     # Every tensor in the loop has the words' layout or a slice of it: x is loaded as activation
     # pairs (x_ptr: int32 pairs of fp16/bf16, or int64 pairs of fp32; K even) through a
     # [BLOCK_N, W_PAD] pointer (rows repeat the same addresses, served by L1) rather than as a
@@ -91,10 +115,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
         if W != W_PAD:
             t = tl.where((jj < W)[None, :], t, 0.0)
         acc += tl.sum(t, axis=1) * s
-    if ATOMIC:
-        tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
-    else:
-        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE)
 
 
 @triton.jit
@@ -195,11 +216,11 @@ def _h2_pair(acc, src, mask, mult, nz, x):
 
 
 @triton.jit
-def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
+def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     N, K, n_blocks, blocks_per_split, stride_p, stride_s,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr):
+                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr):
     # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`; code pair p of word j multiplies the activation pair p*W + j of the block.
     H: tl.constexpr = P // 2
@@ -247,7 +268,4 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
     if W != W_PAD:
         acc2 = tl.where((jj < W)[None, :], acc2, 0.0)
     acc = tl.sum(acc2, axis=1)
-    if ATOMIC:
-        tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
-    else:
-        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE)
