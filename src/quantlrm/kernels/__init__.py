@@ -67,6 +67,7 @@ class Config:
     x32: bool = False
     split_k: int = 1
     half2: bool = False
+    prefetch: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -88,10 +89,10 @@ def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
 
 # The half2 GEMV's tiles: more words per thread amortise the per-row work (SASS counts,
 # benchmarks/gemv_sweep.py); timed by the tuner alongside the fp32 ones.
-GEMV_H2_CONFIGS = (
-    Config("gemv", block_n=64, num_warps=4, split_k=8), Config("gemv", block_n=128, num_warps=4, split_k=8),
-    Config("gemv", block_n=64, num_warps=4, split_k=4), Config("gemv", block_n=128, num_warps=8, split_k=4),
-    Config("gemv", block_n=32, num_warps=2, split_k=8), Config("gemv", block_n=128, num_warps=4, split_k=16),
+GEMV_H2_CONFIGS = tuple(
+    Config("gemv", block_n=bn, num_warps=w, split_k=sk, prefetch=pf)
+    for bn, w, sk in ((64, 4, 8), (128, 4, 8), (64, 4, 4), (128, 8, 4), (32, 2, 8), (128, 4, 16))
+    for pf in (False, True)
 )
 
 
@@ -185,7 +186,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
                     EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), **common)
         if cfg.half2:
-            tk._gemv_h2_kernel[grid](*args, **meta)
+            tk._gemv_h2_kernel[grid](*args, PREFETCH=cfg.prefetch, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](*args, (1 << kw.bits) - 1, XKIND=xkind, **meta)

@@ -220,9 +220,12 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     N, K, n_blocks, blocks_per_split, stride_p, stride_s,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr):
+                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`; code pair p of word j multiplies the activation pair p*W + j of the block.
+    # PREFETCH: the next block's words are loaded before this block is decoded, so each
+    # program keeps a load in flight while it computes.
     H: tl.constexpr = P // 2
     FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
     pid_n = tl.program_id(0)
@@ -235,12 +238,16 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
     acc2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)  # reduced across words once, at the end
+    pw0 = p_ptr + rows[:, None] * stride_p + jj[None, :]
+    nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin < b_end), other=0)
     for blk in range(b_begin, b_end):
-        pw = p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :]
-        if EVEN_N and W == W_PAD:
-            words = tl.load(pw)
+        if PREFETCH:
+            words = nxt
+            nxt = tl.load(pw0 + (blk + 1) * W, mask=wmask & (blk + 1 < b_end), other=0)
+        elif EVEN_N and W == W_PAD:
+            words = tl.load(pw0 + blk * W)
         else:
-            words = tl.load(pw, mask=wmask, other=0)
+            words = tl.load(pw0 + blk * W, mask=wmask, other=0)
         words = words.to(tl.uint32, bitcast=True)
         shifted = words >> (BITS * FIT)
         grp = blk // GB if GB > 0 else 0
