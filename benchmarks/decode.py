@@ -263,6 +263,8 @@ def main() -> None:
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
+    ap.add_argument("--no-decode", action="store_true",
+                    help="GEMV and prefill microbenchmarks only (no end-to-end decode)")
     ap.add_argument("--decode-only", action="store_true",
                     help="skip the GEMV and prefill microbenchmarks (end-to-end decode only)")
     args = ap.parse_args()
@@ -334,6 +336,9 @@ def main() -> None:
             print(f"prefill W{r['bits']} M={r['m']:5d} {r['chosen']:22s} ours {r['us_ours']:8.1f} us  "
                   f"dequant+cuBLAS {r['us_dequant_cublas']:8.1f} us  fp16 {r['us_fp16']:8.1f} us", flush=True)
 
+    if args.no_decode:
+        dump()
+        return
     tok = byte_tokenizer()
     prompts_ids = [torch.tensor([[257] + tok(p, add_special_tokens=False)["input_ids"]], device="cuda")
                    for p in PROMPTS]

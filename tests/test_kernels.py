@@ -176,6 +176,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.float16)
         wd = L.dequantize(kw, torch.float32)
         assert torch.equal(dequant_triton(kw, torch.float32), wd)
+        # the paired 32-bit stores; the interpreter rounds fp32 -> bf16 by truncation, the GPU
+        # to nearest, so bf16 is held to one unit in the last place
+        assert torch.equal(dequant_triton(kw, torch.float16, 8), wd.half())
+        bf = dequant_triton(kw, torch.bfloat16, 8).float()
+        assert ((bf - wd).abs() <= wd.abs() * 2.0**-7).all(), (bits, n, k, g)
         for m in (1, 20):
             x = torch.randn(m, k).half()
             ref = x.float() @ wd.t()

@@ -109,7 +109,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
         tiles = ((64, 128, 1, 4, 2), (128, 128, 1, 8, 2), (128, 64, 1, 4, 2))
     out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w, num_stages=st)
            for bm, bn, sk, w, st in tiles]
-    return out + [Config("dequant", block_n=16)]
+    return out + [Config("dequant", block_n=16), Config("dequant", block_n=64)]
 
 
 def _pow2(n: int) -> int:
@@ -127,10 +127,11 @@ def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> t
 
     n, k = kw.out_features, kw.in_features
     w = torch.empty(n, k, dtype=dtype, device=kw.scale.device)
+    pairs = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0) if k % 2 == 0 else 0
     grid = (tk.cdiv(n, block_n), kw.n_blocks)
-    tk._dequant_kernel[grid](kw.packed, kw.scale, kw.zero, w, n, k, kw.packed.stride(0), kw.scale.stride(0),
-                             kw.group_size, P=kw.per_word, W_PAD=_pow2(kw.words_per_block), BLOCK_N=block_n,
-                             **_layout_args(kw))
+    tk._dequant_kernel[grid](kw.packed, kw.scale, kw.zero, w.view(torch.int32) if pairs else w, n, k,
+                             kw.packed.stride(0), kw.scale.stride(0), kw.group_size, P=kw.per_word,
+                             W_PAD=_pow2(kw.words_per_block), BLOCK_N=block_n, PAIRS=pairs, **_layout_args(kw))
     return w
 
 

@@ -162,7 +162,9 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
 @triton.jit
 def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                    W_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+                    W_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
+    # PAIRS 1/2 (fp16/bf16 output, K even): a code pair's two weights are neighbours, so they
+    # are stored as one 32-bit word (w_ptr is then the int32 view), contiguous across words.
     MASK: tl.constexpr = (1 << BITS) - 1
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     blk = tl.program_id(1)
@@ -174,13 +176,26 @@ def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
     s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
     zc = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
     H: tl.constexpr = P // 2
-    for i in tl.static_range(P):
-        q = ((words >> (BITS * (i % H) + 16 * (i // H))) & MASK) | _MAGIC
-        w = (q.to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
-        ch = 2 * ((i % H) * W + jj) + i // H
+    for p in tl.static_range(H):
+        q_lo = ((words >> (BITS * p)) & MASK) | _MAGIC
+        q_hi = ((words >> (BITS * p + 16)) & MASK) | _MAGIC
+        w_lo = (q_lo.to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
+        w_hi = (q_hi.to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
+        ch = 2 * (p * W + jj)  # first channel of the pair, within the block
         k = blk * B + ch
-        m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
-        tl.store(w_ptr + rows[:, None] * K + k[None, :], w.to(w_ptr.dtype.element_ty), mask=m)
+        if PAIRS:
+            lo = w_lo.to(tl.float16) if PAIRS == 1 else w_lo.to(tl.bfloat16)
+            hi = w_hi.to(tl.float16) if PAIRS == 1 else w_hi.to(tl.bfloat16)
+            lo16 = lo.to(tl.uint16, bitcast=True).to(tl.uint32)
+            hi16 = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
+            m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
+            tl.store(w_ptr + rows[:, None] * (K // 2) + (k // 2)[None, :], (lo16 | (hi16 << 16)).to(tl.int32, bitcast=True),
+                     mask=m)
+        else:
+            m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
+            tl.store(w_ptr + rows[:, None] * K + k[None, :], w_lo.to(w_ptr.dtype.element_ty), mask=m)
+            m1 = mask_n[:, None] & ((jj < W) & (ch + 1 < B) & (k + 1 < K))[None, :]
+            tl.store(w_ptr + rows[:, None] * K + k[None, :] + 1, w_hi.to(w_ptr.dtype.element_ty), mask=m1)
 
 
 def cdiv(a: int, b: int) -> int:
