@@ -194,7 +194,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     else:
         grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), split)
         tk._gemm_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, m, n, k, nb, per, x2.stride(0), y.stride(0),
-                              kw.packed.stride(0), kw.scale.stride(0), kw.group_size, B_PAD=_pow2(kw.block),
+                              kw.packed.stride(0), kw.scale.stride(0), kw.group_size, P=kw.per_word,
+                              B_PAD=_pow2(kw.per_word * kw.words_per_block),
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
                               num_stages=cfg.num_stages, **common)
     return y.to(x2.dtype) if y.dtype != x2.dtype else y

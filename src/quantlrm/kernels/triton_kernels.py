@@ -121,7 +121,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 @triton.jit
 def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
                  M, N, K, n_blocks, blocks_per_split, stride_xm, stride_ym, stride_p, stride_s, G,
-                 BITS: tl.constexpr, B: tl.constexpr, W: tl.constexpr, B_PAD: tl.constexpr,
+                 BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, B_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
@@ -131,19 +131,24 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    r = tl.arange(0, B_PAD)  # channel within a block: code (r//2)//W + H*(r%2) of word (r//2)%W
-    widx = (r // 2) % W
-    shift = ((r // 2) // W) * BITS + (r % 2) * 16
+    # The tile walks the block in word order (slot r: code r // W of word r % W, so the words
+    # are read as contiguous runs) and gathers the activations of each slot's channel instead.
+    H: tl.constexpr = P // 2
+    r = tl.arange(0, B_PAD)
+    widx = r % W
+    code = r // W
+    shift = BITS * (code % H) + 16 * (code // H)
+    ch = 2 * ((code % H) * W + widx) + code // H  # channel within the block
     b_begin = pid_k * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for blk in range(b_begin, b_end):
-        k = blk * B + r
-        mask_k = (r < B) & (k < K)
+        k = blk * B + ch
+        mask_k = (code < P) & (ch < B) & (k < K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         words = tl.load(p_ptr + offs_n[None, :] * stride_p + blk * W + widx[:, None],
-                        mask=(r < B)[:, None] & mask_n[None, :], other=0)  # [B_PAD, BLOCK_N]
+                        mask=(code < P)[:, None] & mask_n[None, :], other=0)  # [B_PAD, BLOCK_N]
         q = ((words >> shift[:, None]) & MASK) | _MAGIC
         grp = (blk * B) // G
         s = tl.load(s_ptr + offs_n * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
@@ -188,8 +193,9 @@ def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
             hi = w_hi.to(tl.float16) if PAIRS == 1 else w_hi.to(tl.bfloat16)
             lo16 = lo.to(tl.uint16, bitcast=True).to(tl.uint32)
             hi16 = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
-            m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
-            tl.store(w_ptr + rows[:, None] * (K // 2) + (k // 2)[None, :], (lo16 | (hi16 << 16)).to(tl.int32, bitcast=True),
+            kp = blk * (B // 2) + p * W + jj  # pair index: contiguous, so the stores vectorize
+            m = mask_n[:, None] & ((jj < W) & (ch < B) & (2 * kp < K))[None, :]
+            tl.store(w_ptr + rows[:, None] * (K // 2) + kp[None, :], (lo16 | (hi16 << 16)).to(tl.int32, bitcast=True),
                      mask=m)
         else:
             m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
