@@ -36,6 +36,18 @@ def _x_pair(v, XKIND: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(N, n_blocks, blocks_per_split, W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This GEMV program's rows, word lanes, their masks and its range of blocks (its split)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jj = tl.arange(0, W_PAD)
+    mask_n = rows < N
+    wmask = mask_n[:, None] & (jj < W)[None, :]
+    b_begin = tl.program_id(1) * blocks_per_split
+    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
+    return rows, jj, mask_n, wmask, b_begin, b_end
+
+
+@triton.jit
 def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.constexpr):
     """A GEMV program's [BLOCK_N] result. MODE 0: the only split, store. MODE 1: fp32 atomics
     into a zeroed y (needs a fill and a cast launch around the kernel). MODE 2: split-K
@@ -74,14 +86,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # a run-time value, so it sits in a register and and+or fuse into one LOP3), no shift; the
     # upper 16 bits of the word (the pair's second code) are shifted down once.
     H: tl.constexpr = P // 2
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    jj = tl.arange(0, W_PAD)
-    mask_n = rows < N
-    wmask = mask_n[:, None] & (jj < W)[None, :]
-    b_begin = pid_k * blocks_per_split
-    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
+    rows, jj, mask_n, wmask, b_begin, b_end = _gemv_tile(N, n_blocks, blocks_per_split, W, W_PAD, BLOCK_N)
     zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.int32)
     cmask = code_mask.to(tl.uint32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -249,14 +254,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # program keeps a load in flight while it computes.
     H: tl.constexpr = P // 2
     FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    jj = tl.arange(0, W_PAD)
-    mask_n = rows < N
-    wmask = mask_n[:, None] & (jj < W)[None, :]
-    b_begin = pid_k * blocks_per_split
-    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
+    rows, jj, mask_n, wmask, b_begin, b_end = _gemv_tile(N, n_blocks, blocks_per_split, W, W_PAD, BLOCK_N)
     zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
     acc2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)  # reduced across words once, at the end
     pw0 = p_ptr + rows[:, None] * stride_p + jj[None, :]
