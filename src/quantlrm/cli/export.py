@@ -1,4 +1,5 @@
-"""`quantlrm export`: re-pack a finished quantize run into another format, without searching again.
+"""`quantlrm export`: re-pack a finished quantize run into another format, without searching again
+(GPTQ-rounded runs repeat their calibration forward for the Hessians).
 
 The run's `search.safetensors` (searched scales and clip values) is re-applied to the 16-bit
 model through the quantize pipeline with `apply=`, so the integer codes are the run's own.
@@ -21,7 +22,9 @@ def register(subparsers) -> None:
         "export",
         help="re-pack a finished quantize run into another checkpoint format",
         description="Re-apply a quantize run's saved search results (search.safetensors) to the "
-        "16-bit model and write a packed checkpoint; no calibration or search runs again.",
+        "16-bit model and write a packed checkpoint; no search runs again (a --rounding gptq run "
+        "repeats its calibration forward to rebuild the Hessians, so its calibration source must "
+        "still be there).",
     )
     p.add_argument("--run", required=True, type=Path, help="run directory written by `quantlrm quantize`")
     p.add_argument(
