@@ -109,7 +109,10 @@ def fuse_projections(model: nn.Module) -> int:
     from quantlrm.arch import get_arch, num_layers
 
     cfg = model.config.to_dict()
-    arch = get_arch(cfg)
+    try:
+        arch = get_arch(cfg)
+    except QuantLRMError:  # a family outside the table still runs, unfused
+        return 0
     made = 0
     for layer in range(num_layers(cfg)):
         for shorts in arch.shared_inputs:
