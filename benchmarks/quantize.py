@@ -1,10 +1,12 @@
-"""Time and peak GPU memory of `quantlrm quantize` (RTN / AWQ / QuantLRM) against llm-compressor's AWQ.
+"""Time and peak GPU memory of `quantlrm quantize` (RTN / AWQ / QuantLRM, optionally with GPTQ
+rounding) against llm-compressor's AWQ and GPTQ.
 
 One run builds a Llama-2-7B-shaped checkpoint with random bf16 weights (generated on the
 GPU, written as safetensors shards), then quantizes it layer-streamed with each of our
 methods and, in a child process with llm-compressor's wheels on PYTHONPATH, with
-llm-compressor's AWQ (`oneshot`, model fully on the GPU), on the same 128 x 512
-calibration tokens. Quality proxy: MSE of the final hidden state against the fp model on
+llm-compressor's AWQ or GPTQ (`oneshot`, model fully on the GPU; methods `llmc` and
+`llmc-gptq`), on the same 128 x 512 calibration tokens. `quantlrm-gptq` and `gptq` are ours
+with `--rounding gptq` (QuantLRM's or RTN's scales, then GPTQ rounding). Quality proxy: MSE of the final hidden state against the fp model on
 8 calibration blocks. Usage (GPU machine, wheels unpacked into .site as
 shared/recipes/README.md says):
 
@@ -103,12 +105,17 @@ def final_hidden(model_dir_or_model, ids: torch.Tensor, device: str) -> torch.Te
 def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, ids: torch.Tensor) -> dict:
     from quantlrm.pipeline import QuantizeOptions, quantize_model
 
+    label = method
+    rounding = "rtn"
+    if method in ("quantlrm-gptq", "gptq"):  # our scales (QuantLRM's, or none), then GPTQ rounding
+        method, rounding = ("quantlrm" if method == "quantlrm-gptq" else "rtn"), "gptq"
     extra = {"importance": random_importance(model_dir)} if method == "quantlrm" else {}
     if method == "awq-duo":  # llm-compressor's default AWQ variant
         method, extra = "awq", {"duo_scaling": True}
     opts = QuantizeOptions(model=str(model_dir), out=str(out), method=method, bits=args.bits,
                            group_size=args.group_size, calib="builtin", calib_samples=args.samples,
-                           calib_seqlen=args.seqlen, device=args.device, progress=False, overwrite=True, **extra)
+                           calib_seqlen=args.seqlen, device=args.device, progress=False, overwrite=True,
+                           rounding=rounding, **extra)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +128,7 @@ def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, i
     shutil.rmtree(out, ignore_errors=True)
     groups = [g for r in rep["layers"] for g in r["groups"].values()]
     return {
-        "method": f"quantlrm {method}" + (" duo" if extra.get("duo_scaling") else ""),
+        "method": f"quantlrm {label}" + (" duo" if extra.get("duo_scaling") else ""),
         "wall_s": round(wall, 1),
         "layers_s": rep["seconds"]["layers"],
         "per_layer_s": round(rep["seconds"]["layers"] / args.layers, 2),
@@ -135,11 +142,11 @@ def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, i
 
 
 def run_llmc_child(args) -> None:
-    """Inside the child (llm-compressor on PYTHONPATH): oneshot AWQ on the same tokens."""
+    """Inside the child (llm-compressor on PYTHONPATH): oneshot AWQ or GPTQ on the same tokens."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,7 +157,10 @@ def run_llmc_child(args) -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=args.bits, type="int", symmetric=False, strategy="group", group_size=args.group_size))
-    recipe = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": scheme})]
+    if args.llmc_method == "gptq":
+        recipe = [GPTQModifier(ignore=["lm_head"], config_groups={"group_0": scheme})]
+    else:
+        recipe = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": scheme})]
     w_before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -163,7 +173,7 @@ def run_llmc_child(args) -> None:
     hid = final_hidden(model, ids[:EVAL_SAMPLES], args.device)
     ref = torch.load(work / "ref_hidden.pt")
     res = {
-        "method": "llm-compressor AWQ (oneshot)",
+        "method": f"llm-compressor {args.llmc_method.upper()} (oneshot)",
         "wall_s": round(dt, 1),
         "layers_s": round(dt, 1),
         "per_layer_s": round(dt / args.layers, 2),
@@ -189,6 +199,7 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip methods once this much time has passed")
     ap.add_argument("--tiny", action="store_true", help="small shapes, for a CPU smoke test")
     ap.add_argument("--llmc-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--llmc-method", default="awq", choices=("awq", "gptq"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llmc_child:
         return run_llmc_child(args)
@@ -224,10 +235,11 @@ def main() -> None:
             results["runs"].append({"method": m, "skipped": "deadline"})
             continue
         try:
-            if m == "llmc":
+            if m in ("llmc", "llmc-gptq"):
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.llmc_site, "src"]))
                 cmd = [sys.executable, __file__, "--llmc-child", "--work", str(work), "--layers", str(args.layers),
-                       "--bits", str(args.bits), "--group-size", str(args.group_size), "--device", args.device]
+                       "--bits", str(args.bits), "--group-size", str(args.group_size), "--device", args.device,
+                       "--llmc-method", "gptq" if m == "llmc-gptq" else "awq"]
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                 if not line:
