@@ -166,13 +166,13 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     nb = kw.n_blocks
     per = tk.cdiv(nb, cfg.split_k)
     split = tk.cdiv(nb, per)
-    ws = _workspace(x2.device, n, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" and m == 1 else None
+    if cfg.kind == "gemv" and m != 1:
+        raise ValueError("the GEMV configurations take one activation row")
+    ws = _workspace(x2.device, n, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" else None
     atomic = split > 1 and ws is None
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
-    if cfg.kind == "gemv" and m != 1:
-        raise ValueError("the GEMV configurations take one activation row")
     if cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)

@@ -6,10 +6,11 @@ fp32 number whose value is that power plus the code, so q - z is one exact subtr
 Code i of the words of a block multiplies the activations 2*((i % H)*W + j) + i // H.
 
 - `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks their
-  blocks one per step (split-K over blocks with fp32 atomics); weights are read once with wide
-  loads and dequantized in registers, one scale and zero point per row and block.
+  blocks one per step (split-K over blocks, reduced in the kernel: `_store_rows`); weights are
+  read once with wide loads and dequantized in registers, one scale and zero point per row
+  and block. `_gemv_h2_kernel` is the same walk in half2 arithmetic for fp16 activations.
 - `_gemm_kernel` (2..N rows): tensor-core `tl.dot` on one block per step, dequantized in
-  registers (words are gathered P times from L1).
+  registers (the block is walked in word order; the activations are gathered).
 - `_dequant_kernel`: writes the dense weight, for dequantize-then-cuBLAS at large batch.
 """
 
@@ -45,6 +46,19 @@ def _gemv_tile(N, n_blocks, blocks_per_split, W: tl.constexpr, W_PAD: tl.constex
     b_begin = tl.program_id(1) * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     return rows, jj, mask_n, wmask, b_begin, b_end
+
+
+@triton.jit
+def _load_x_pairs(x_ptr, zero2, blk, K, p: tl.constexpr, jj, B: tl.constexpr, W: tl.constexpr,
+                  W_PAD: tl.constexpr, EVEN_K: tl.constexpr):
+    """The activation pairs of code pair p of every word of block `blk`, as a [BLOCK_N, W_PAD]
+    tile whose rows repeat the same addresses (served by L1): it keeps the words' layout."""
+    kp = blk * (B // 2) + p * W + jj
+    px = x_ptr + (zero2 + kp[None, :])
+    if 2 * (p * W + W_PAD) > B or not EVEN_K:  # lanes past the block's (or the row's) end
+        inb = (2 * (p * W + jj) < B) & (2 * kp < K)
+        return tl.load(px, mask=(zero2 == 0) & inb[None, :], other=0)
+    return tl.load(px)  # lanes past W read later pairs of this block; the caller drops them
 
 
 @triton.jit
@@ -105,14 +119,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         for p in tl.static_range(H):
             R = BITS * p  # bit offset of the pair's codes in the word and in `upper`
             zc = z + 8388608.0 / (1 << R)  # 2^(23-R) + z
-            kp = blk * (B // 2) + p * W + jj  # [W_PAD]: activation pairs of code pair p
-            px = x_ptr + (zero2 + kp[None, :])
-            if 2 * (p * W + W_PAD) > B or not EVEN_K:  # lanes past the block's (or the row's) end
-                inb = (2 * (p * W + jj) < B) & (2 * kp < K)
-                xp = tl.load(px, mask=(zero2 == 0) & inb[None, :], other=0)
-            else:  # lanes past W read later pairs of this block; they are dropped below
-                xp = tl.load(px)
-            x_lo, x_hi = _x_pair(xp, XKIND)
+            x_lo, x_hi = _x_pair(_load_x_pairs(x_ptr, zero2, blk, K, p, jj, B, W, W_PAD, EVEN_K), XKIND)
             q_lo = (words & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
             q_hi = (upper & (cmask << R)) | ((150 - R) << 23)
             t += (q_lo.to(tl.float32, bitcast=True) - zc[:, None]) * x_lo
@@ -258,7 +265,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
     acc2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)  # reduced across words once, at the end
     pw0 = p_ptr + rows[:, None] * stride_p + jj[None, :]
-    nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin < b_end), other=0)
+    if PREFETCH:
+        nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin < b_end), other=0)
     for blk in range(b_begin, b_end):
         if PREFETCH:
             words = nxt
@@ -280,13 +288,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             nz = zero2 + (nz16 | (nz16 << 16))[:, None]
             mult = zero2 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
             mask = zero2 + (((1 << BITS) - 1) << R) * 0x10001
-            kp = blk * (B // 2) + p * W + jj  # [W_PAD] activation pairs
-            px = x_ptr + (zero2.to(tl.int32) + kp[None, :])
-            if 2 * (p * W + W_PAD) > B or not EVEN_K:
-                inb = (2 * (p * W + jj) < B) & (2 * kp < K)
-                xp = tl.load(px, mask=(zero2 == 0) & inb[None, :], other=0)
-            else:
-                xp = tl.load(px)
+            xp = _load_x_pairs(x_ptr, zero2.to(tl.int32), blk, K, p, jj, B, W, W_PAD, EVEN_K)
             h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
         part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True, pack=1)
         t = part.to(tl.float32, bitcast=True)
