@@ -68,13 +68,24 @@ class GPTQStats:
         return {"loss": self.loss, "loss_rtn": self.loss_rtn, "damp": self.damp, "dead_inputs": self.dead_inputs}
 
 
+def _with_damping(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I: GPTQ's relative damping."""
+    return h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def _without_dead(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of H with diagonal 1 at inputs no token used, and the mask of those inputs."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    return h, dead
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
-    mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     d = damp
     for _ in range(DAMP_RETRIES):
-        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex(_with_damping(h, d))
         if int(info) == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if int(info) == 0 and torch.isfinite(upper).all():
@@ -88,10 +99,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 def damped_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
     """H with GPTQ's handling of dead inputs (diagonal 1) and relative damping added."""
-    h = h.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    return h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return _with_damping(_without_dead(h)[0], damp)
 
 
 def objective(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
@@ -127,9 +135,7 @@ def gptq_quantize(
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
     max_int = 2**bits - 1
     W = w.detach().to(dt).clone()
-    H = h.detach().to(dt).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
+    H, dead = _without_dead(h.detach().to(dt))
     W[:, dead] = 0
     U, used_damp = _inverse_cholesky(H, damp)
 

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -149,11 +150,12 @@ def _validate_rounding(opts: QuantizeOptions) -> None:
     if opts.rounding not in ROUNDINGS:
         raise QuantLRMError(f"unknown rounding {opts.rounding!r}.", f"use --rounding {' | '.join(ROUNDINGS)}.")
     damp, block = opts.gptq_damp, opts.gptq_block
-    if not isinstance(damp, (int, float)) or not damp > 0 or damp != damp or damp == float("inf"):
-        raise QuantLRMError(f"GPTQ damping must be a positive number, got {damp!r}.", "use --gptq-damp 0.01.")
+    damp0, block0 = QuantizeOptions.gptq_damp, QuantizeOptions.gptq_block  # the dataclass defaults
+    if not isinstance(damp, (int, float)) or not (damp > 0 and math.isfinite(damp)):
+        raise QuantLRMError(f"GPTQ damping must be a positive number, got {damp!r}.", f"use --gptq-damp {damp0}.")
     if not isinstance(block, int) or block < 1:
-        raise QuantLRMError(f"GPTQ block must be a positive integer, got {block!r}.", "use --gptq-block 128.")
-    if opts.rounding != "gptq" and (damp != 0.01 or block != 128):
+        raise QuantLRMError(f"GPTQ block must be a positive integer, got {block!r}.", f"use --gptq-block {block0}.")
+    if opts.rounding != "gptq" and (damp != damp0 or block != block0):
         raise QuantLRMError(
             "--gptq-damp/--gptq-block were given but rounding is rtn.", "add --rounding gptq, or drop them."
         )
