@@ -103,8 +103,16 @@ def module_bytes(m) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
+def describe(c) -> str:
+    """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
+    return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
+            f"prefetch={c.prefetch}")
+
+
 def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
     """sets: precision -> short -> [(name, module)] over all layers."""
+    from quantlrm.kernels import choose
+
     rows = []
     for short in SHORTS:
         for prec, by_short in sets.items():
@@ -117,12 +125,7 @@ def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
                     m(x)
 
             t = graph_time(run) / len(mods)
-            chosen = None
-            if hasattr(mods[0], "weight_layout"):
-                from quantlrm.kernels import choose
-
-                c = choose(x, mods[0].weight_layout)
-                chosen = f"{c.kind} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2}"
+            chosen = describe(choose(x, mods[0].weight_layout)) if hasattr(mods[0], "weight_layout") else None
             nbytes = statistics.mean(module_bytes(m) for m in mods) + 2 * (k + mods[0].out_features)
             rows.append(dict(linear=short, precision=prec, out=mods[0].out_features, inp=k, chosen=chosen,
                              us=t * 1e6, bytes=nbytes, gbps=nbytes / t / 1e9, frac_copy_bw=nbytes / t / peak))
@@ -142,7 +145,7 @@ def prefill_bench(qmods: list, dense: list) -> list[dict]:
         t_ours = graph_time(lambda x=x, kws=kws, cfg=cfg: [run_config(x, kw, cfg) for kw in kws]) / len(kws)
         t_deq = graph_time(lambda x=x, kws=kws, deq=deq: [run_config(x, kw, deq) for kw in kws]) / len(kws)
         t_fp16 = graph_time(lambda x=x: [x @ d.weight.t() for d in dense]) / len(dense)
-        rows.append(dict(m=m, bits=qmods[0].bits, chosen=f"{cfg.kind} m{cfg.block_m} n{cfg.block_n} x32={cfg.x32} sk{cfg.split_k}",
+        rows.append(dict(m=m, bits=qmods[0].bits, chosen=describe(cfg),
                          us_ours=t_ours * 1e6, us_dequant_cublas=t_deq * 1e6, us_fp16=t_fp16 * 1e6))
     return rows
 
@@ -272,7 +275,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from quantlrm.models import byte_tokenizer
-    from quantlrm.nn import QuantLinear
+    from quantlrm.nn import QuantLinear, fuse_projections
 
     t_start = time.time()
 
@@ -333,7 +336,7 @@ def main() -> None:
                           + prefill_bench([m for _, m in sets["W3"]["gate_proj"]],
                                           [m for _, m in sets["fp16"]["gate_proj"]]))
         for r in res["prefill"]:
-            print(f"prefill W{r['bits']} M={r['m']:5d} {r['chosen']:22s} ours {r['us_ours']:8.1f} us  "
+            print(f"prefill W{r['bits']} M={r['m']:5d} {r['chosen']} ours {r['us_ours']:8.1f} us  "
                   f"dequant+cuBLAS {r['us_dequant_cublas']:8.1f} us  fp16 {r['us_fp16']:8.1f} us", flush=True)
 
     if args.no_decode:
@@ -353,8 +356,6 @@ def main() -> None:
         label = prec + ("+compile" if comp else "")
         set_linears(model, dense if prec == "fp16" else quant[int(prec[1])])
         if prec != "fp16" and not args.no_fuse:
-            from quantlrm.nn import fuse_projections
-
             fuse_projections(model)
         t0 = time.time()
         r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, comp)
