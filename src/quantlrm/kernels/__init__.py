@@ -107,7 +107,11 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
         tiles = ((32, 64, 1, 4, 3), (64, 64, 1, 4, 3), (32, 128, 2, 4, 3))
     else:
         tiles = ((64, 128, 1, 4, 2), (128, 128, 1, 8, 2), (128, 64, 1, 4, 2))
-    out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w, num_stages=st)
+    # W3's padded block (256 slots) doubles the weight tile in shared memory: fewer stages keep
+    # every candidate within the card's 227 KB (3 stages of a 256 x 128 tile needed 328 KB).
+    b_pad = _pow2(kw.per_word * kw.words_per_block)
+    out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w,
+                  num_stages=max(1, min(st, 3 * 128 * 128 // (b_pad * bn))))
            for bm, bn, sk, w, st in tiles]
     return out + [Config("dequant", block_n=16), Config("dequant", block_n=64)]
 
