@@ -56,7 +56,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 class Config:
     """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS).
 
-    gemv: block_n rows per program, one layout block per step, x32: activations converted to
+    gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32: activations converted to
     fp32 once before the kernel instead of per code inside it, half2: fp16 arithmetic on code
     pairs (fp16 activations, 2-4 bits; `_gemv_h2_kernel`); gemm: block_m x block_n tiles, one
     layout block per step; split_k > 1 splits the blocks of a row over programs."""
@@ -68,6 +68,7 @@ class Config:
     split_k: int = 1
     half2: bool = False
     prefetch: bool = False
+    blocks_per_step: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
@@ -93,6 +94,11 @@ GEMV_H2_CONFIGS = tuple(
     Config("gemv", block_n=bn, num_warps=w, split_k=sk, prefetch=pf)
     for bn, w, sk in ((64, 4, 8), (128, 4, 8), (64, 4, 4), (128, 8, 4), (32, 2, 8), (128, 4, 16))
     for pf in (False, True)
+) + tuple(  # several blocks per step: all of a step's loads in flight at once (latency-bound shapes)
+    Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf)
+    for bn, w, sk, u, pf in ((16, 4, 8, 4, False), (32, 4, 8, 4, False), (64, 4, 8, 4, False),
+                             (32, 4, 4, 4, True), (64, 8, 4, 4, True), (16, 4, 1, 8, True),
+                             (32, 4, 16, 2, False), (64, 4, 8, 2, True))
 )
 
 
@@ -168,7 +174,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
     if cfg.kind == "dequant":
         return x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
     nb = kw.n_blocks
-    per = tk.cdiv(nb, cfg.split_k)
+    u = cfg.blocks_per_step if cfg.half2 else 1
+    per = tk.cdiv(tk.cdiv(nb, cfg.split_k), u) * u  # a split is whole steps
     split = tk.cdiv(nb, per)
     if cfg.kind == "gemv" and m != 1:
         raise ValueError("the GEMV configurations take one activation row")
@@ -191,7 +198,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
                     EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), **common)
         if cfg.half2:
-            tk._gemv_h2_kernel[grid](*args, PREFETCH=cfg.prefetch, **meta)
+            tk._gemv_h2_kernel[grid](*args, PREFETCH=cfg.prefetch, U=u, FULL=nb % per == 0, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](*args, (1 << kw.bits) - 1, XKIND=xkind, **meta)

@@ -254,46 +254,69 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr):
     # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
-    # `_gemv_kernel`; code pair p of word j multiplies the activation pair p*W + j of the block.
-    # PREFETCH: the next block's words are loaded before this block is decoded, so each
-    # program keeps a load in flight while it computes.
+    # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, W_PAD] words, so a
+    # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
+    # one load's latency per block, not by bandwidth). Code pair p of word j of block u
+    # multiplies the activation pair p*W + j of that block. FULL (host-checked): every step
+    # holds U whole blocks of this split and W == W_PAD, so no load needs a mask.
+    # PREFETCH: the next step's words are loaded before this step is decoded.
     H: tl.constexpr = P // 2
     FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
-    rows, jj, mask_n, wmask, b_begin, b_end = _gemv_tile(N, n_blocks, blocks_per_split, W, W_PAD, BLOCK_N)
-    zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
-    acc2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)  # reduced across words once, at the end
-    pw0 = p_ptr + rows[:, None] * stride_p + jj[None, :]
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r3 = rows[:, None, None]
+    uu = tl.arange(0, U)[None, :, None]
+    jj = tl.arange(0, W_PAD)[None, None, :]
+    b_begin = tl.program_id(1) * blocks_per_split
+    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
+    zero3 = tl.zeros([BLOCK_N, U, W_PAD], dtype=tl.uint32)
+    acc3 = tl.zeros([BLOCK_N, U, W_PAD], dtype=tl.float32)  # reduced once, at the end
+    pw0 = p_ptr + r3 * stride_p + uu * W + jj
+    wmask = (r3 < N) & (jj < W)
     if PREFETCH:
-        nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin < b_end), other=0)
-    for blk in range(b_begin, b_end):
+        nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin + uu < b_end), other=0)
+    for blk in range(b_begin, b_end, U):
         if PREFETCH:
             words = nxt
-            nxt = tl.load(pw0 + (blk + 1) * W, mask=wmask & (blk + 1 < b_end), other=0)
-        elif EVEN_N and W == W_PAD:
+            nxt = tl.load(pw0 + (blk + U) * W, mask=wmask & (blk + U + uu < b_end), other=0)
+        elif FULL and EVEN_N and W == W_PAD:
             words = tl.load(pw0 + blk * W)
         else:
-            words = tl.load(pw0 + blk * W, mask=wmask, other=0)
+            words = tl.load(pw0 + blk * W, mask=wmask & (blk + uu < b_end), other=0)
         words = words.to(tl.uint32, bitcast=True)
         shifted = words >> (BITS * FIT)
-        grp = blk // GB if GB > 0 else 0
-        s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float16)
-        h = tl.zeros([BLOCK_N, W_PAD], dtype=tl.uint32)
+        # scale and zero point per (row, block): loaded as [BLOCK_N, U] and expanded, so they
+        # arrive in the slice of the words' layout (a [BLOCK_N, U, 1] load needed a shuffle)
+        ub = blk + tl.arange(0, U)[None, :]
+        grp = ub // GB if GB > 0 else ub * 0
+        sz_mask = (rows[:, None] < N) & (ub < b_end)
+        s = tl.load(s_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(z_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0).to(tl.float16)
+        h = zero3
         for p in tl.static_range(H):
             R = BITS * (p % FIT)  # bit offset of the pair in `src` (an in-place one, or shifted)
             src = words if p < FIT else shifted
             nz16 = (z * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-            nz = zero2 + (nz16 | (nz16 << 16))[:, None]
-            mult = zero2 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
-            mask = zero2 + (((1 << BITS) - 1) << R) * 0x10001
-            xp = _load_x_pairs(x_ptr, zero2.to(tl.int32), blk, K, p, jj, B, W, W_PAD, EVEN_K)
+            nz = zero3 + (nz16 | (nz16 << 16))[:, :, None]
+            mult = zero3 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
+            mask = zero3 + (((1 << BITS) - 1) << R) * 0x10001
+            kp = (blk + uu) * (B // 2) + p * W + jj  # [1, U, W_PAD] activation pair indices
+            px = x_ptr + (zero3.to(tl.int32) + kp)  # rows repeat the same addresses (L1)
+            # lanes past W read later pairs of this block (dropped below), unless that runs past
+            # the block's end; partial steps and a ragged row end are zeroed
+            if FULL and EVEN_K and 2 * (p * W + W_PAD) <= B:
+                xp = tl.load(px)
+            elif FULL and EVEN_K:
+                xp = tl.load(px, mask=(zero3 == 0) & (2 * (p * W + jj) < B), other=0)
+            else:
+                inb = (2 * (p * W + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
+                xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
             h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
         part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True, pack=1)
-        t = part.to(tl.float32, bitcast=True)
-        acc2 += t * (s * 16.0)[:, None]
+        acc3 += part.to(tl.float32, bitcast=True) * (s * 16.0)
     if W != W_PAD:
-        acc2 = tl.where((jj < W)[None, :], acc2, 0.0)
-    acc = tl.sum(acc2, axis=1)
+        acc3 = tl.where(jj < W, acc3, 0.0)
+    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    mask_n = rows < N
     _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE)
