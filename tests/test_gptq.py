@@ -44,6 +44,24 @@ def reference_gptq(w, h, bits, g, damp, clip=None):
     return codes
 
 
+def test_shared_input_pass_equals_each_linear_alone():
+    """q/k/v share one GPTQ pass: stacked rows (one clipped linear, one not) must give each linear
+    exactly its own codes, grid and losses, and the clipped one must match the reference."""
+    X = correlated_inputs(256, 64, seed=7)
+    H = 2 / X.shape[0] * X.double().T @ X.double()
+    gen = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(6, 64, generator=gen), torch.randn(10, 64, generator=gen)
+    c1 = w1.reshape(6, -1, 32).abs().amax(-1) * 0.8
+    both = G.gptq_quantize_shared([w1, w2], H, 3, 32, [c1, None], damp=0.01, block=24)
+    for (got, st), w, c in zip(both, (w1, w2), (c1, None), strict=True):
+        want, st_want = G.gptq_quantize(w, H, 3, 32, clip_max=c, damp=0.01, block=24)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.zero, want.zero)
+        assert torch.allclose(got.scale, want.scale)
+        assert st.loss == pytest.approx(st_want.loss, rel=1e-9)
+        assert st.loss_rtn == pytest.approx(st_want.loss_rtn, rel=1e-9)
+    assert torch.equal(both[0][0].codes.long(), reference_gptq(w1, H, 3, 32, 0.01, clip=c1))
+
+
 def correlated_inputs(n, k, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, k, generator=g) @ torch.randn(k, k, generator=g) * 0.3 + 0.1 * torch.randn(n, k, generator=g)

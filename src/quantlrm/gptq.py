@@ -104,8 +104,12 @@ def damped_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def objective(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     """1/2 tr((W - Q) H (W - Q)^T): with H = 2/n X^T X, the mean over tokens of ||(W - Q) x||^2."""
+    return float(_row_objective(w, wq, h).sum())
+
+
+def _row_objective(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     e = (w - wq).to(h)
-    return float(0.5 * ((e @ h) * e).sum())
+    return 0.5 * ((e @ h) * e).sum(1)
 
 
 @torch.no_grad()
@@ -123,6 +127,51 @@ def gptq_quantize(
     Works in fp64 when `h` is fp64 (tests), else fp32. `clip_max` [out, in/g] clamps each
     group to [-clip, clip] before its grid is chosen and before rounding, as `quantize` does.
     """
+    return gptq_quantize_shared([w], h, bits, group_size, [clip_max], damp, block)[0]
+
+
+@torch.no_grad()
+def gptq_quantize_shared(
+    ws: list[torch.Tensor],
+    h: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    clips: list[torch.Tensor | None] | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+) -> list[tuple[QuantResult, GPTQStats]]:
+    """`gptq_quantize` of several linears that read the same input (q/k/v, gate/up) in one pass.
+
+    GPTQ treats every output row on its own under the shared H, so stacking the rows gives each
+    linear the result it would get alone, with one sequential column loop instead of several.
+    """
+    clips = clips if clips is not None else [None] * len(ws)
+    if len(ws) == 1:
+        w, clip_max = ws[0], clips[0]
+    else:
+        if len({w.shape[1] for w in ws}) != 1:
+            raise QuantLRMError("linears quantized under one Hessian must have the same input size.",
+                                "group only linears that read the same input.")
+        w = torch.cat(ws)
+        clip_max = None
+        if any(c is not None for c in clips):  # an unclipped linear's rows clip at infinity
+            g = check_config(bits, group_size, w.shape[1])
+            clip_max = torch.cat([c.float() if c is not None else x.new_full((x.shape[0], x.shape[1] // g), float("inf"), dtype=torch.float32)
+                                  for x, c in zip(ws, clips, strict=True)])
+    result, loss, loss_rtn, used_damp, dead = _gptq_rows(w, h, bits, group_size, clip_max, damp, block)
+    out, r0 = [], 0
+    for x in ws:
+        r1 = r0 + x.shape[0]
+        part = QuantResult(codes=result.codes[r0:r1].clone(), scale=result.scale[r0:r1].clone(),
+                           zero=result.zero[r0:r1].clone(), bits=bits, group_size=result.group_size)
+        out.append((part, GPTQStats(loss=float(loss[r0:r1].sum()), loss_rtn=float(loss_rtn[r0:r1].sum()),
+                                    damp=used_damp, dead_inputs=dead)))
+        r0 = r1
+    return out
+
+
+def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
+    """The GPTQ pass; per-row GPTQ and RTN objectives, the damping used, the dead inputs."""
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise QuantLRMError(
             f"GPTQ needs a weight [out, in] and a Hessian [in, in]; got {tuple(w.shape)} and {tuple(h.shape)}.",
@@ -143,43 +192,49 @@ def gptq_quantize(
     scale = torch.empty(out, inp // g, dtype=torch.float32, device=W.device)
     zero = torch.empty(out, inp // g, dtype=torch.uint8, device=W.device)
     w0 = W.clone()  # after dead-column zeroing: what the objective is measured against
-    loss = torch.zeros((), dtype=dt, device=W.device)
-    s_col = z_col = c_col = None
+    loss = torch.zeros(out, dtype=dt, device=W.device)
+    inv_d = 1.0 / torch.diagonal(U)  # err_j = (w_j - q_j) / U[j, j]
+    s_col = zs_col = lo = hi = None
+    # The column loop is sequential, so its cost is the number of small ops per column (each a
+    # kernel launch on a GPU): about ten here, the loss and the codes are taken per block.
     for i1 in range(0, inp, block):
         i2 = min(i1 + block, inp)
         W1 = W[:, i1:i2].clone()  # [out, b], kept up to date inside the block
         E1 = torch.zeros_like(W1)  # scaled errors err / U[j, j], for the lazy update
+        Q1 = torch.empty_like(W1)  # the block's codes
+        U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:
                 cur = _current_group(W, W1, E1, U, i1, i2, i, col, g)  # [out, g]
                 gi = col // g
-                c_col = clip_max[:, gi].to(dt)[:, None] if clip_max is not None else None
                 gq = quantize(cur, bits, g, clip_max=clip_max[:, gi : gi + 1] if clip_max is not None else None)
                 scale[:, gi], zero[:, gi] = gq.scale[:, 0], gq.zero[:, 0]
                 s_col, z_col = gq.scale[:, 0].to(dt), gq.zero[:, 0].to(dt)
+                zs_col = z_col * s_col
+                # clipping to [-c, c] then rounding and clamping the code to [0, max] is the
+                # same as rounding then clamping the code to [lo, hi]
+                lo = torch.zeros_like(z_col)
+                hi = torch.full_like(z_col, max_int)
+                if clip_max is not None:
+                    c = clip_max[:, gi].to(dt)
+                    lo = (torch.round(-c / s_col) + z_col).clamp(0, max_int)
+                    hi = (torch.round(c / s_col) + z_col).clamp(0, max_int)
             x = W1[:, i]
-            xc = torch.maximum(torch.minimum(x, c_col[:, 0]), -c_col[:, 0]) if c_col is not None else x
-            q = (torch.round(xc / s_col) + z_col).clamp(0, max_int)
-            codes[:, col] = q.to(torch.uint8)
-            deq = (q - z_col) * s_col
-            d = U[col, col]
-            err = (x - deq) / d
-            loss += (x - deq).pow(2).sum() / (2 * d * d)
-            W1[:, i:] -= err[:, None] * U[col, i1 + i : i2][None, :]
+            q = torch.round(x / s_col).add_(z_col)
+            q = torch.maximum(torch.minimum(q, hi, out=q), lo, out=q)
+            Q1[:, i] = q
+            err = torch.addcmul(x + zs_col, s_col, q, value=-1).mul_(inv_d[col])  # (x - deq) / d
             E1[:, i] = err
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+        codes[:, i1:i2] = Q1.to(torch.uint8)
+        loss += 0.5 * E1.pow(2).sum(1)  # sum of (w - deq)^2 / (2 d^2)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's deferred update of all later columns
 
     result = QuantResult(codes=codes, scale=scale, zero=zero, bits=bits, group_size=g)
     hd = damped_hessian(h.to(dt), used_damp)
     rtn = quantize(w0, bits, g, clip_max=clip_max).dequant(torch.float32)
-    stats = GPTQStats(
-        loss=float(loss),
-        loss_rtn=objective(w0, rtn, hd),
-        damp=used_damp,
-        dead_inputs=int(dead.sum()),
-    )
-    return result, stats
+    return result, loss, _row_objective(w0, rtn, hd), used_damp, int(dead.sum())
 
 
 def _current_group(W, W1, E1, U, i1: int, i2: int, i: int, col: int, g: int) -> torch.Tensor:

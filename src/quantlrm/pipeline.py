@@ -626,7 +626,7 @@ def quantize_layer(
     results = {}
     clip_ratio = {}
     gptq_rec = {}
-    hess: dict[int, torch.Tensor] = {}  # one H per shared input (id of its accumulator)
+    shared: dict[tuple, list[str]] = {}  # GPTQ: linears with one input and one scale, in order
     if opts.rounding == "gptq" and (cap is None or not cap.hessians):
         raise RuntimeError("GPTQ rounding needs the layer's Hessians (capture_layer(..., hessians=True))")
     for short, path in arch.linears.items():
@@ -638,23 +638,27 @@ def quantize_layer(
                 if s is not None:
                     x = x / s.to(x.device)
                 plan.clips[short] = S.search_clip(w, x, opts.bits, opts.group_size)
-        clip = plan.clips.get(short)
         if opts.rounding == "gptq":
-            acc = cap.hessians[short]
-            if id(acc) not in hess:
-                hess[id(acc)] = acc.hessian()
-            h = G.scale_hessian(hess[id(acc)], s.to(w.device) if s is not None else None)
-            results[short], st = G.gptq_quantize(
-                w, h.to(w.device), opts.bits, opts.group_size, clip_max=clip, damp=opts.gptq_damp,
-                block=opts.gptq_block,
-            )
-            gptq_rec[short] = st.as_dict()
+            shared.setdefault((id(cap.hessians[short]), id(s)), []).append(short)
         else:
-            results[short] = quantize(w, opts.bits, opts.group_size, clip_max=clip)
+            results[short] = quantize(w, opts.bits, opts.group_size, clip_max=plan.clips.get(short))
+    for shorts in shared.values():  # one GPTQ pass per shared input (its rows are independent)
+        first = shorts[0]
+        s = scale_of_linear(arch, plan.scales, first)
+        ws = [sd[arch.linears[x] + ".weight"] for x in shorts]
+        h = G.scale_hessian(cap.hessians[first].hessian(), s.to(ws[0].device) if s is not None else None)
+        done = G.gptq_quantize_shared(ws, h.to(ws[0].device), opts.bits, opts.group_size,
+                                      [plan.clips.get(x) for x in shorts], opts.gptq_damp, opts.gptq_block)
+        for x, (res, st) in zip(shorts, done, strict=True):
+            results[x] = res
+            gptq_rec[x] = st.as_dict()
+    for short, path in arch.linears.items():
+        clip = plan.clips.get(short)
         if clip is not None:
-            g = results[short].group_size
-            absmax = w.reshape(w.shape[0], -1, g).abs().amax(-1)
+            w = sd[path + ".weight"]
+            absmax = w.reshape(w.shape[0], -1, results[short].group_size).abs().amax(-1)
             clip_ratio[short] = float((clip.to(absmax) / absmax.clamp(min=1e-12)).clamp(max=1).mean())
+    results = {short: results[short] for short in arch.linears}  # the architecture's order
     plan.record["clip"] = clip_ratio
     if gptq_rec:
         plan.record["gptq"] = gptq_rec
