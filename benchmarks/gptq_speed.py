@@ -1,5 +1,6 @@
-"""Time of GPTQ rounding for one decoder layer's linears: each linear alone, and linears that
-read the same input (q/k/v, gate/up) stacked into one pass (`gptq_quantize_shared`).
+"""Time of GPTQ rounding for one decoder layer's linears: the torch column loop or the Triton
+block kernel (GPU), each linear alone or the linears that read one input (q/k/v, gate/up)
+stacked into one pass (`gptq_quantize_shared`); the codes are compared with the first variant.
 
 GPTQ's column loop is sequential, so on a GPU its cost is mostly the number of small kernel
 launches per column; stacking rows cuts the columns walked per layer (7B shapes: 35584 -> 23296).
@@ -45,24 +46,38 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     ws = {n: (torch.randn(*s, generator=gen) * 0.02).to(a.device) for n, s in shapes.items()}
     hs = {g[0]: _hessian(shapes[g[0]][1], a.device, i) for i, g in enumerate(groups)}
-    G.gptq_quantize(ws["o"], hs["o"], a.bits, a.group_size)  # warm-up (kernels, solver)
-    _sync(a.device)
-    t0 = time.perf_counter()
-    alone = {n: G.gptq_quantize(ws[n], hs[g[0]], a.bits, a.group_size)[0] for g in groups for n in g}
-    _sync(a.device)
-    t1 = time.perf_counter()
-    stacked = {}
-    for g in groups:
-        for n, (res, _) in zip(g, G.gptq_quantize_shared([ws[n] for n in g], hs[g[0]], a.bits, a.group_size),
-                               strict=True):
-            stacked[n] = res
-    _sync(a.device)
-    t2 = time.perf_counter()
-    same = sum(int((alone[n].codes == stacked[n].codes).sum()) for n in shapes)
-    total = sum(r.codes.numel() for r in alone.values())
+    kernel_ok = G._block_kernel_ok
+
+    def run(fused: bool, shared: bool) -> tuple[float, dict]:
+        G._block_kernel_ok = kernel_ok if fused else (lambda *_: False)
+        try:
+            G.gptq_quantize(ws["o"], hs["o"], a.bits, a.group_size)  # warm-up (kernels, solver)
+            _sync(a.device)
+            t = time.perf_counter()
+            res = {}
+            for g in groups:
+                parts = [[n] for n in g] if not shared else [g]
+                for p in parts:
+                    done = G.gptq_quantize_shared([ws[n] for n in p], hs[g[0]], a.bits, a.group_size)
+                    res.update({n: r for n, (r, _) in zip(p, done, strict=True)})
+            _sync(a.device)
+            return time.perf_counter() - t, res
+        finally:
+            G._block_kernel_ok = kernel_ok
+
+    variants = {"torch loop, each linear alone": (False, False), "torch loop, shared inputs": (False, True)}
+    if kernel_ok(ws["o"].float(), 128, a.group_size):
+        variants |= {"block kernel, each linear alone": (True, False), "block kernel, shared inputs": (True, True)}
+    times, results = {}, {}
+    for name, (fused, shared) in variants.items():
+        times[name], results[name] = run(fused, shared)
+        print(f"{name}: {times[name]:.2f} s", flush=True)
+    base = results["torch loop, each linear alone"]
+    total = sum(r.codes.numel() for r in base.values())
     out = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-           "hidden": d, "mlp": f, "bits": a.bits, "group_size": a.group_size,
-           "alone_s": t1 - t0, "shared_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0), "same_codes": same / total}
+           "hidden": d, "mlp": f, "bits": a.bits, "group_size": a.group_size, "seconds": times,
+           "same_codes_as_torch_alone": {k: sum(int((base[n].codes == v[n].codes).sum()) for n in shapes) / total
+                                         for k, v in results.items()}}
     print(json.dumps(out, indent=1))
     if a.json:
         with open(a.json, "w") as fh:

@@ -16,6 +16,8 @@ starts (no static groups, no act-order, so the group layout stays contiguous).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -195,38 +197,47 @@ def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
     loss = torch.zeros(out, dtype=dt, device=W.device)
     inv_d = 1.0 / torch.diagonal(U)  # err_j = (w_j - q_j) / U[j, j]
     s_col = zs_col = lo = hi = None
+    fused = _block_kernel_ok(W, block, g)
     # The column loop is sequential, so its cost is the number of small ops per column (each a
-    # kernel launch on a GPU): about ten here, the loss and the codes are taken per block.
+    # kernel launch on a GPU): one Triton launch per block where it applies, else about ten
+    # torch ops per column; the loss and the codes are taken per block.
     for i1 in range(0, inp, block):
         i2 = min(i1 + block, inp)
-        W1 = W[:, i1:i2].clone()  # [out, b], kept up to date inside the block
-        E1 = torch.zeros_like(W1)  # scaled errors err / U[j, j], for the lazy update
-        Q1 = torch.empty_like(W1)  # the block's codes
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
-                cur = _current_group(W, W1, E1, U, i1, i2, i, col, g)  # [out, g]
-                gi = col // g
-                gq = quantize(cur, bits, g, clip_max=clip_max[:, gi : gi + 1] if clip_max is not None else None)
-                scale[:, gi], zero[:, gi] = gq.scale[:, 0], gq.zero[:, 0]
-                s_col, z_col = gq.scale[:, 0].to(dt), gq.zero[:, 0].to(dt)
-                zs_col = z_col * s_col
-                # clipping to [-c, c] then rounding and clamping the code to [0, max] is the
-                # same as rounding then clamping the code to [lo, hi]
-                lo = torch.zeros_like(z_col)
-                hi = torch.full_like(z_col, max_int)
-                if clip_max is not None:
-                    c = clip_max[:, gi].to(dt)
-                    lo = (torch.round(-c / s_col) + z_col).clamp(0, max_int)
-                    hi = (torch.round(c / s_col) + z_col).clamp(0, max_int)
-            x = W1[:, i]
-            q = torch.round(x / s_col).add_(z_col)
-            q = torch.maximum(torch.minimum(q, hi, out=q), lo, out=q)
-            Q1[:, i] = q
-            err = torch.addcmul(x + zs_col, s_col, q, value=-1).mul_(inv_d[col])  # (x - deq) / d
-            E1[:, i] = err
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+        if fused:
+            from quantlrm.kernels.gptq_block import gptq_block
+
+            clip1 = clip_max[:, i1 // g : i2 // g] if clip_max is not None else None
+            Q1, E1, s1, z1 = gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], inv_d[i1:i2], clip1, bits, g)
+            scale[:, i1 // g : i2 // g], zero[:, i1 // g : i2 // g] = s1, z1.to(torch.uint8)
+        else:
+            W1 = W[:, i1:i2].clone()  # [out, b], kept up to date inside the block
+            E1 = torch.zeros_like(W1)  # scaled errors err / U[j, j], for the lazy update
+            Q1 = torch.empty_like(W1)  # the block's codes
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % g == 0:
+                    cur = _current_group(W, W1, E1, U, i1, i2, i, col, g)  # [out, g]
+                    gi = col // g
+                    gq = quantize(cur, bits, g, clip_max=clip_max[:, gi : gi + 1] if clip_max is not None else None)
+                    scale[:, gi], zero[:, gi] = gq.scale[:, 0], gq.zero[:, 0]
+                    s_col, z_col = gq.scale[:, 0].to(dt), gq.zero[:, 0].to(dt)
+                    zs_col = z_col * s_col
+                    # clipping to [-c, c] then rounding and clamping the code to [0, max] is the
+                    # same as rounding then clamping the code to [lo, hi]
+                    lo = torch.zeros_like(z_col)
+                    hi = torch.full_like(z_col, max_int)
+                    if clip_max is not None:
+                        c = clip_max[:, gi].to(dt)
+                        lo = (torch.round(-c / s_col) + z_col).clamp(0, max_int)
+                        hi = (torch.round(c / s_col) + z_col).clamp(0, max_int)
+                x = W1[:, i]
+                q = torch.round(x / s_col).add_(z_col)
+                q = torch.maximum(torch.minimum(q, hi, out=q), lo, out=q)
+                Q1[:, i] = q
+                err = torch.addcmul(x + zs_col, s_col, q, value=-1).mul_(inv_d[col])  # (x - deq) / d
+                E1[:, i] = err
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
         codes[:, i1:i2] = Q1.to(torch.uint8)
         loss += 0.5 * E1.pow(2).sum(1)  # sum of (w - deq)^2 / (2 d^2)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's deferred update of all later columns
@@ -235,6 +246,16 @@ def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
     hd = damped_hessian(h.to(dt), used_damp)
     rtn = quantize(w0, bits, g, clip_max=clip_max).dequant(torch.float32)
     return result, loss, _row_objective(w0, rtn, hd), used_damp, int(dead.sum())
+
+
+def _block_kernel_ok(W: torch.Tensor, block: int, g: int) -> bool:
+    """The Triton block kernel runs fp32 blocks that hold whole groups (block a multiple of g,
+    at most 256 columns), on a GPU or in Triton's CPU interpreter (tests)."""
+    if W.dtype != torch.float32 or block % g or block > 256:
+        return False
+    if not (W.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return importlib.util.find_spec("triton") is not None
 
 
 def _current_group(W, W1, E1, U, i1: int, i2: int, i: int, col: int, g: int) -> torch.Tensor:
