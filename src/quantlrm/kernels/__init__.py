@@ -56,10 +56,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 class Config:
     """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS).
 
-    gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32: activations converted to
-    fp32 once before the kernel instead of per code inside it, half2: fp16 arithmetic on code
-    pairs (fp16 activations, 2-4 bits; `_gemv_h2_kernel`); gemm: block_m x block_n tiles, one
-    layout block per step; split_k > 1 splits the blocks of a row over programs."""
+    gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
+    activations converted to fp32 once before the kernel instead of per code inside it, half2:
+    fp16 arithmetic on code pairs (fp16 activations, 2-4 bits; `_gemv_h2_kernel`); gemm:
+    block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
+    over programs."""
 
     kind: str
     block_m: int = 16
