@@ -11,8 +11,9 @@ directly from the QuantResult. One run measures, on the same card:
      loop for all three precisions: static KV cache, eager prefill, then each decode step as a
      replayed CUDA graph (without graphs, Python launch overhead dominates at batch 1);
   5. for reference, HF `generate` (eager, dynamic cache) on one prompt per precision.
-The quantized models fuse q/k/v and gate/up into one launch each, as `load_quantized` does
-(`--no-fuse` keeps them apart); the fp16 model is plain transformers.
+The quantized models fuse q/k/v and gate/up into one launch each, gate/up with SiLU * up
+applied as it stores, as `load_quantized` does (`--no-gated` keeps the activation a separate
+launch, `--no-fuse` keeps every linear apart); the fp16 model is plain transformers.
 
     python benchmarks/decode.py --out decode.json      # on the GPU machine
 """
@@ -263,6 +264,8 @@ def main() -> None:
     ap.add_argument("--no-hf-generate", action="store_true")
     ap.add_argument("--no-fuse", action="store_true",
                     help="keep q/k/v and gate/up as separate launches (load_quantized fuses them)")
+    ap.add_argument("--no-gated", action="store_true",
+                    help="fuse gate/up without the SiLU epilogue (the activation as its own launch)")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
@@ -356,7 +359,7 @@ def main() -> None:
         label = prec + ("+compile" if comp else "")
         set_linears(model, dense if prec == "fp16" else quant[int(prec[1])])
         if prec != "fp16" and not args.no_fuse:
-            fuse_projections(model)
+            fuse_projections(model, gated=not args.no_gated)
         t0 = time.time()
         r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, comp)
         r["setup_s"] = time.time() - t0 - sum(r["latencies_s"])

@@ -195,6 +195,19 @@ _INTERP_SCRIPT = textwrap.dedent("""
                 err = float((y - ref).norm() / ref.norm())
                 assert err < 2e-3, (bits, n, k, g, m, c, err)
                 worst = max(worst, err)
+    # the gated-MLP epilogue: rows interleave (gate, up); silu(gate) * up stored at half width,
+    # by the only split (MODE 0), by the last split of a row tile (MODE 2), and after the GEMM
+    for bits, n, k, g in ((4, 40, 256, 128), (3, 18, 300, 300)):
+        q = quantize(torch.randn(n, k), bits, g)
+        kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.float16)
+        x = torch.randn(1, k).half()
+        y = x.float() @ L.dequantize(kw, torch.float32).t()
+        ref = torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2]
+        for c in (Config("gemv", block_n=4), Config("gemv", block_n=8, split_k=2), Config("gemm", block_m=16, block_n=16)):
+            got = run_config(x, kw, c, act=True).float()
+            assert got.shape == (1, n // 2), (c, got.shape)
+            err = float((got - ref).norm() / ref.norm())
+            assert err < 2e-3, (bits, n, k, g, c, err)
     print("WORST", worst)
 """)
 
@@ -217,7 +230,8 @@ def test_triton_kernels_in_interpreter():
                                           (3, 128, torch.bfloat16), (4, 128, torch.float16),
                                           (3, 128, torch.float16)])
 def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
-    """Every candidate configuration and the tuned choice; shapes off the tile grid; batch 1..64."""
+    """Every candidate configuration and the tuned choice; shapes off the tile grid; batch 1..64;
+    at batch 1 also the gated-MLP epilogue of every candidate."""
     torch.manual_seed(bits * g)
     tol = 3e-3 if dtype == torch.float16 else 2e-2
     for n, k in ((1000, 1536), (333, 384)):
@@ -226,10 +240,13 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
         for m in (1, 5, 33, 64):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = _ref(x, q, dtype)
+            gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
             for c in candidates(kw, m, dtype):
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
                 assert _relerr(y, ref) < tol, (n, k, m, c, _relerr(y, ref))
+                if m == 1 and n % 2 == 0:  # the gated-MLP epilogue (rows as (gate, up) pairs)
+                    assert _relerr(run_config(x, kw, c, act=True), gated_ref) < tol, (n, k, c)
             assert _relerr(qmatmul(x, kw), ref) < tol
 
 
@@ -302,7 +319,7 @@ def test_fused_projections_match_separate_and_compile(tmp_path):
     one qmatmul per fused group under torch.compile(fullgraph=True), and a repeated input or
     a different one in between still gives each slice its own columns."""
     pytest.importorskip("quantlrm.export.compressed_tensors")
-    from quantlrm.nn import FusedSlice, build_quantized, fuse_projections
+    from quantlrm.nn import FusedSlice, GatedMLP, build_quantized, fuse_projections
 
     _export_tiny(tmp_path, 4, 32, model_type="llama")
     qm = build_quantized(tmp_path, "cpu", torch.float32)
@@ -314,6 +331,7 @@ def test_fused_projections_match_separate_and_compile(tmp_path):
         sep = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
         assert fuse_projections(qm) == 4  # 2 layers x (qkv, gate/up)
         assert isinstance(attn.k_proj, FusedSlice)
+        assert all(isinstance(layer.mlp, GatedMLP) for layer in qm.model.layers)  # silu(gate) * up in the GEMV
         got = qm(ids).logits
         assert _relerr(got, want) < 1e-6
         x2 = torch.randn(3, qm.config.hidden_size)

@@ -37,6 +37,9 @@ class Arch:
     layers_prefix: str = "model.layers"
     # linears called on the same tensor, in this order (one fused launch at inference)
     shared_inputs: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+    # (gate, up, down) of a gated MLP, down(act(gate(x)) * up(x)): at inference gate and up
+    # run as one launch that also applies the activation (SiLU only)
+    gated_mlp: tuple[str, str, str] | None = ("gate", "up", "down")
     note: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -17,7 +17,7 @@ import torch
 from quantlrm.kernels.layout import KernelWeight, dequantize, reference_matmul
 
 __all__ = ["KernelWeight", "Config", "qmatmul", "qmatmul_op", "candidates", "run_config", "triton_available",
-           "dequantize", "reference_matmul"]
+           "dequantize", "reference_matmul", "gated"]
 
 
 def triton_available() -> bool:
@@ -166,14 +166,24 @@ def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[to
     return ws
 
 
-def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
-    """y [M, N] = x2 [M, K] @ W^T with one configuration."""
+def gated(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of interleaved (gate, up) columns [..., 2I] -> [..., I], in fp32."""
+    g, u = y.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return (torch.nn.functional.silu(g) * u).to(y.dtype)
+
+
+def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = False) -> torch.Tensor:
+    """y [M, N] = x2 [M, K] @ W^T with one configuration; act: `gated(y)` [M, N/2] instead
+    (the GEMVs apply it as they store; the other paths after)."""
     from quantlrm.kernels import triton_kernels as tk
 
     m, k = x2.shape
     n = kw.out_features
+    if act and (n % 2 or (cfg.kind == "gemv" and cfg.block_n % 2)):
+        raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
     if cfg.kind == "dequant":
-        return x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
+        y = x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
+        return gated(y) if act else y
     nb = kw.n_blocks
     u = cfg.blocks_per_step if cfg.half2 else 1
     per = tk.cdiv(tk.cdiv(nb, cfg.split_k), u) * u  # a split is whole steps
@@ -182,8 +192,9 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
         raise ValueError("the GEMV configurations take one activation row")
     ws = _workspace(x2.device, n, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" else None
     atomic = split > 1 and ws is None
+    fused_act = act and cfg.kind == "gemv" and not atomic
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
-         else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+         else torch.empty(m, n // 2 if fused_act else n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
     if cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
@@ -197,7 +208,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
                 kw.scale.stride(0))
         meta = dict(P=kw.per_word, W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
                     EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
-                    MODE=0 if split == 1 else (1 if atomic else 2), **common)
+                    MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
             tk._gemv_h2_kernel[grid](*args, PREFETCH=cfg.prefetch, U=u, FULL=nb % per == 0, **meta)
         else:
@@ -210,7 +221,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config) -> torch.Tensor:
                               B_PAD=_pow2(kw.per_word * kw.words_per_block),
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
                               num_stages=cfg.num_stages, **common)
-    return y.to(x2.dtype) if y.dtype != x2.dtype else y
+    y = y.to(x2.dtype) if y.dtype != x2.dtype else y
+    return gated(y) if act and not fused_act else y
 
 
 def _bucket(m: int) -> int:
@@ -288,28 +300,30 @@ def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
     return best
 
 
-def qmatmul(x: torch.Tensor, kw: KernelWeight, config: Config | None = None) -> torch.Tensor:
-    """y = x @ W^T for x [..., in] in fp16/bf16; Triton on CUDA, the torch reference on CPU."""
+def qmatmul(x: torch.Tensor, kw: KernelWeight, config: Config | None = None, act: bool = False) -> torch.Tensor:
+    """y = x @ W^T for x [..., in] in fp16/bf16; Triton on CUDA, the torch reference on CPU.
+    act: W's rows are interleaved (gate, up) pairs and the result is `gated(y)`."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if not x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         y = reference_matmul(x2, kw)
+        y = gated(y) if act else y
     else:
-        y = run_config(x2, kw, config or choose(x2, kw))
-    return y.view(*shape[:-1], kw.out_features)
+        y = run_config(x2, kw, config or choose(x2, kw), act)
+    return y.view(*shape[:-1], kw.out_features // 2 if act else kw.out_features)
 
 
 @torch.library.custom_op("quantlrm::qmatmul", mutates_args=())
 def qmatmul_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               bits: int, group_size: int, in_features: int, out_features: int) -> torch.Tensor:
+               bits: int, group_size: int, in_features: int, out_features: int, act: bool = False) -> torch.Tensor:
     """`qmatmul` as one opaque operator: torch.compile keeps it whole instead of tracing into
     the tuner's Python (which would break the graph at every quantized linear)."""
     kw = KernelWeight(packed, scale, zero, bits, group_size, in_features, out_features)
-    return qmatmul(x, kw)
+    return qmatmul(x, kw, act=act)
 
 
 @qmatmul_op.register_fake
-def _qmatmul_fake(x, packed, scale, zero, bits, group_size, in_features, out_features):
-    return x.new_empty((*x.shape[:-1], out_features))
+def _qmatmul_fake(x, packed, scale, zero, bits, group_size, in_features, out_features, act=False):
+    return x.new_empty((*x.shape[:-1], out_features // 2 if act else out_features))

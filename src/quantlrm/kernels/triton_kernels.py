@@ -63,14 +63,27 @@ def _load_x_pairs(x_ptr, zero2, blk, K, p: tl.constexpr, jj, B: tl.constexpr, W:
 
 
 @triton.jit
-def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.constexpr):
+def _store_out(v, y_ptr, rows, mask_n, N, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
+    """Store a row tile's finished outputs. ACT 1: the rows are interleaved (gate, up) pairs of a
+    gated MLP, and silu(gate) * up is stored at half the width (no separate activation launch)."""
+    if ACT:
+        g, u = tl.split(tl.reshape(v, [BLOCK_N // 2, 2]))
+        half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + half, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=half < N // 2)
+    else:
+        tl.store(y_ptr + rows, v.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.constexpr,
+                BLOCK_N: tl.constexpr, ACT: tl.constexpr):
     """A GEMV program's [BLOCK_N] result. MODE 0: the only split, store. MODE 1: fp32 atomics
-    into a zeroed y (needs a fill and a cast launch around the kernel). MODE 2: split-K
+    into a zeroed y (needs a fill and a cast launch around the kernel; no ACT). MODE 2: split-K
     reduced in the kernel: each split stores its partial to the workspace, and the last split
     of a row tile to arrive (counted with an atomic) sums them in split order and stores y,
     then re-arms the counter. One launch, no fill or cast, and deterministic."""
     if MODE == 0:
-        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+        _store_out(acc, y_ptr, rows, mask_n, N, BLOCK_N, ACT)
     elif MODE == 1:
         tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
     else:
@@ -82,7 +95,7 @@ def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.
             tot = tl.zeros_like(acc)
             for k in range(n_split):  # .cg: read L2, never a stale L1 line of an earlier call
                 tot += tl.load(ws_ptr + k * N + rows, mask=mask_n, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + rows, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            _store_out(tot, y_ptr, rows, mask_n, N, BLOCK_N, ACT)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -91,7 +104,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                  N, K, n_blocks, blocks_per_split, stride_p, stride_s, code_mask,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                  W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, XKIND: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr):
     # Every tensor in the loop has the words' layout or a slice of it: x is loaded as activation
     # pairs (x_ptr: int32 pairs of fp16/bf16, or int64 pairs of fp32; K even) through a
     # [BLOCK_N, W_PAD] pointer (rows repeat the same addresses, served by L1) rather than as a
@@ -128,7 +141,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         if W != W_PAD:
             t = tl.where((jj < W)[None, :], t, 0.0)
         acc += tl.sum(t, axis=1) * s
-    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE)
+    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE, BLOCK_N, ACT)
 
 
 @triton.jit
@@ -255,7 +268,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                    PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr):
+                    PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr):
     # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, W_PAD] words, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -320,4 +333,4 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc3 = tl.where(jj < W, acc3, 0.0)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
     mask_n = rows < N
-    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE)
+    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE, BLOCK_N, ACT)
