@@ -394,7 +394,7 @@ class ModelRun:
             kw["progress"] = False
         t0 = time.time()
         quantize_model(QuantizeOptions(**kw))
-        return {"quant_s": round(time.time() - t0, 1)}
+        return {"quant_s": round(time.time() - t0, 1), "search": search_diagnostics(out)}
 
     def quantize_llmc(self, method: str, bits: int, group: int, out: Path) -> dict:
         from llmc_baseline import llmc_quantize
@@ -672,6 +672,19 @@ def markdown(results: list[dict]) -> str:
                                f"{c['baseline_avg']:.2f} | {c['diff_points']:+.2f} | {c['b']} | {c['c']} | "
                                f"{c['p']:.3g} |")
                 out.append("")
+        diag = [x for x in rows if x.get("search")]
+        if diag:
+            out.append("What the scale search did (all layers and scale groups; alpha = 0 is no scaling; "
+                       "rank corr = Spearman correlation of QuantLRM's channel importance with AWQ's mean |x|):\n")
+            out.append("| Method | Setting | groups | alpha = 0 | mean alpha | group loss change | rank corr |")
+            out.append("|---|---|---|---|---|---|---|")
+            for x in diag:
+                d = x["search"]
+                lc = "" if d.get("loss_change") is None else f"{100 * d['loss_change']:+.1f}%"
+                rc = "" if d.get("rank_corr_act") is None else f"{d['rank_corr_act']:.2f}"
+                out.append(f"| {x['method']} | {setting_label(x['setting'])} | {d['groups']} | "
+                           f"{100 * d['alpha_zero']:.0f}% | {d['alpha_mean']:.2f} | {lc} | {rc} |")
+            out.append("")
         if r.get("errors"):
             out.append("Failures: " + "; ".join(r["errors"]) + "\n")
         if r.get("skipped"):
@@ -728,6 +741,27 @@ def plot(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def search_diagnostics(out: Path) -> dict | None:
+    """What the scale search did, over all layers and scale groups of one quantization
+    (from its quantlrm.json): how often it kept alpha = 0 (no scaling), the mean alpha, the
+    mean relative change of the group output loss, and for QuantLRM the mean Spearman
+    correlation between its channel importance and AWQ's activation statistic."""
+    try:
+        rep = json.loads((out / "quantlrm.json").read_text())
+    except (OSError, ValueError):
+        return None
+    groups = [g for layer in rep.get("layers", []) for g in (layer.get("groups") or {}).values()]
+    if not groups:
+        return None
+    alphas = [g["alpha"] for g in groups]
+    change = [g["loss_after"] / g["loss_before"] - 1 for g in groups if g.get("loss_before")]
+    corr = [g["rank_corr_act"] for g in groups if "rank_corr_act" in g]
+    return {"groups": len(groups), "alpha_zero": sum(a == 0 for a in alphas) / len(alphas),
+            "alpha_mean": sum(alphas) / len(alphas),
+            "loss_change": sum(change) / len(change) if change else None,
+            "rank_corr_act": sum(corr) / len(corr) if corr else None}
 
 
 def report(out: Path, names: list[str]) -> None:

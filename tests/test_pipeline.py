@@ -272,6 +272,8 @@ def test_apply_reproduces_the_same_weights(tiny, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ra, rb = report(a), report(b)
     assert [r["groups"] for r in ra["layers"]] == [r["groups"] for r in rb["layers"]]
+    # QuantLRM records how its channel order relates to AWQ's activation statistic
+    assert all(-1 <= g["rank_corr_act"] <= 1 for r in ra["layers"] for g in r["groups"].values())
     assert rb["calibration"]["source"].startswith("none")
     with pytest.raises(QuantLRMError, match="--bits 3 --group-size 32"):
         run(src, tmp_path / "c", method="quantlrm", apply=str(a), bits=4)

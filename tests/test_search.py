@@ -142,3 +142,24 @@ def test_duo_scaling_statistic_and_candidates():
     s = S.candidate_scales(x, 0.3, normalise=True, w_mean=wm)
     raw = (x.pow(0.3) / (wm.pow(0.7) + 1e-4)).clamp(min=1e-4)
     torch.testing.assert_close(s, raw / (raw.max() * raw.min()).sqrt())
+
+
+def test_rank_correlation_against_a_direct_spearman():
+    """Spearman with average ranks for ties, against ranks counted pair by pair."""
+    from quantlrm.search import rank_correlation
+
+    def ref(a, b):
+        def ranks(v):
+            return torch.tensor([float((v < x).sum()) + (float((v == x).sum()) - 1) / 2 for x in v], dtype=torch.float64)
+        ra, rb = ranks(a), ranks(b)
+        return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, generator=g)
+    b = a + 0.8 * torch.randn(50, generator=g)
+    assert rank_correlation(a, b) == pytest.approx(ref(a, b), abs=1e-12)
+    ties_a, ties_b = torch.randint(0, 5, (60,), generator=g).float(), torch.randint(0, 7, (60,), generator=g).float()
+    assert rank_correlation(ties_a, ties_b) == pytest.approx(ref(ties_a, ties_b), abs=1e-12)
+    assert rank_correlation(a, a.exp()) == pytest.approx(1.0)  # any increasing map
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert rank_correlation(torch.ones(8), a[:8]) == 0.0  # a constant has no order

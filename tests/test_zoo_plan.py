@@ -48,3 +48,22 @@ def test_plan_skips_and_places_extras(tmp_path):
     assert not any(isinstance(x, tuple) and x[1] == "w3pc" for x in p)
     with pytest.raises(SystemExit):
         zoo.parse_args(["--out", str(tmp_path), "--main-methods", "rtn,nope"])
+
+
+def test_search_diagnostics_summarise_the_quantize_report(tmp_path):
+    """The zoo's 'what the scale search did' table comes from quantlrm.json's per-group records."""
+    import json
+
+    layers = [{"groups": {"attn": {"alpha": 0.0, "loss_before": 2.0, "loss_after": 2.0, "rank_corr_act": 0.5},
+                          "mlp": {"alpha": 0.5, "loss_before": 4.0, "loss_after": 3.0, "rank_corr_act": -0.1}}},
+              {"groups": {"attn": {"alpha": 0.25, "loss_before": 1.0, "loss_after": 0.5, "rank_corr_act": 0.2}}}]
+    (tmp_path / "quantlrm.json").write_text(json.dumps({"layers": layers}))
+    d = zoo.search_diagnostics(tmp_path)
+    assert d["groups"] == 3 and d["alpha_zero"] == pytest.approx(1 / 3)
+    assert d["alpha_mean"] == pytest.approx(0.25)
+    assert d["loss_change"] == pytest.approx((0 - 0.25 - 0.5) / 3)
+    assert d["rank_corr_act"] == pytest.approx(0.2)
+    assert zoo.search_diagnostics(tmp_path / "missing") is None
+    row = {"method": "QuantLRM", "setting": "w3g128", "search": d}
+    md = zoo.markdown([{"model": "m", "spec": {"model_type": "llama"}, "rows": [row]}])
+    assert "| QuantLRM | W3 g128 | 3 | 33% | 0.25 | -25.0% | 0.20 |" in md

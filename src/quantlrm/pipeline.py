@@ -539,13 +539,15 @@ def search_layer(
         in_f = weights[0].shape[1]
         prev_out = layer.get_submodule(g.prev).weight.shape[0] if g.prev_kind == "linear" else in_f
         heads = tied_heads(config, in_f, prev_out)
-        act = S.mean_abs_chunks(cap.group_inputs[g.name]) if opts.method == "awq" or opts.act_factor else None
+        act = S.mean_abs_chunks(cap.group_inputs[g.name])  # AWQ's statistic; QuantLRM's diagnostics
+        rank_corr = None
         if opts.method == "awq":
             stat = act
         else:
             shorts = (g.importance_from,) if opts.group_importance == "authors" else g.linears
             stat = torch.stack([importance[arch.linear_path(idx, s)].float() for s in shorts]).mean(0)
             stat = stat.to(weights[0].device)
+            rank_corr = S.rank_correlation(stat, act)  # how far the signals' channel order is AWQ's
             if opts.act_factor:
                 stat = stat * act
         w_mean = S.weight_mean(weights, opts.group_size) if opts.duo_scaling else None
@@ -571,6 +573,8 @@ def search_layer(
             "loss_before": res.loss_before,
             "loss_after": res.loss_after,
         }
+        if rank_corr is not None:
+            plan.record["groups"][g.name]["rank_corr_act"] = rank_corr
     return plan
 
 

@@ -60,6 +60,22 @@ def mean_abs_chunks(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return acc / n
 
 
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of v's entries, ties sharing their average rank."""
+    _, inv, counts = torch.unique(v.flatten().double().cpu(), return_inverse=True, return_counts=True)
+    start = counts.cumsum(0) - counts
+    return (start + (counts - 1) / 2).double()[inv]
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of two per-channel statistics: 1 when the signals rank the input
+    channels exactly as the activations do, 0 when their orders are unrelated."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float(ra @ rb) / den if den > 0 else 0.0
+
+
 def grid_alphas(n_grid: int = 20) -> list[float]:
     return [i / n_grid for i in range(n_grid)]
 
