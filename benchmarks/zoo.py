@@ -119,6 +119,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {os.environ.get('ZOO_TAG', 'zoo')}: {msg}", flush=True)
 
 
+RESUME_FILE = "zoo-state.json"  # in --work/<model>/: the run's results and training fingerprint
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -192,6 +195,46 @@ class ModelRun:
 
     def save(self) -> None:
         write_json(self.res_path, self.res)
+        if self.work.is_dir():  # a copy beside the checkpoints, for --resume
+            write_json(self.work / RESUME_FILE, {"fingerprint": self.fingerprint(), "res": self.res,
+                                                  "final": getattr(self, "final", None),
+                                                  "base": getattr(self, "base", None)})
+
+    def fingerprint(self) -> dict:
+        """What the trained models and the test sets depend on; --resume reuses only a match."""
+        keys = ("train_seconds", "stage_shares", "pt_steps", "sft_steps", "dpo_steps", "dpo_lr", "rl_seconds_share",
+                "rl_lr", "rl_k", "rl_prompts", "rl_updates", "rl_kl", "rl_reward", "batch", "pt_batch", "seqlen",
+                "level", "train_per_task", "test_per_task", "dpo_prompts", "max_new_tokens", "toy")
+        return {"spec": self.spec, **{k: _jsonable(getattr(self.args, k, None)) for k in keys}}
+
+    def resume(self) -> bool:
+        """Reuse this model's trained stages and finished rows from an earlier run with the same
+        training settings (its checkpoints still in --work); False if there is none."""
+        try:
+            saved = json.loads((self.work / RESUME_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        if saved.get("fingerprint") != self.fingerprint() or not saved.get("final"):
+            log(f"{self.name}: the saved run was trained with other settings; training again")
+            return False
+        self.final, self.base = saved["final"], saved["base"]
+        self.dirs = {st: self.work / st for st in ("pt", "sft", "dpo", "rl")}
+        if not all((self.dirs[st] / "config.json").is_file() for st in {self.final, self.base}):
+            return False
+        a, seed = self.args, self.spec["seed"]
+        self.train_problems = [p for f in FAMILY_ORDER for p in generate(f, a.train_per_task, seed, "train", a.level)]
+        self.tests = test_sets(a.test_per_task, seed, a.level)
+        prev = saved["res"]
+        self.res.update({k: v for k, v in prev.items() if k not in ("date", "settings", "skipped", "finished")})
+        self.res["rows"] = [r for r in prev.get("rows", []) if "error" not in r]
+        self.res["errors"] = [e for e in prev.get("errors", []) if e.startswith("rl:")]  # rows are retried
+        self.res.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        log(f"{self.name}: resumed: trained stages and {len(self.res['rows'])} finished rows reused")
+        self.save()
+        return True
+
+    def done(self, label: str, setting: str | None) -> bool:
+        return any(r["method"] == label and r.get("setting") == setting and "avg" in r for r in self.res["rows"])
 
     def size_factor(self) -> float:
         return max(1.0, self.res.get("params_m", 25.0) / 25.0)
@@ -526,9 +569,9 @@ class ModelRun:
         self.save()
 
     def extras(self) -> None:
-        if self.args.pft_snapshots:
+        if self.args.pft_snapshots and len(self.res.get("finetune_curve", {}).get("steps", [])) < 2:
             self.finetune_curve()
-        if self.args.protect_fraction > 0:
+        if self.args.protect_fraction > 0 and not any("avg" in r for r in self.res.get("protect", {}).get("rows", [])):
             self.protect_table()
 
     # -------------------------------------------------------------- all
@@ -551,18 +594,22 @@ class ModelRun:
         return items
 
     def run(self) -> None:
-        self.train()
+        if not (self.args.resume and self.resume()):
+            self.train()
         for stage in ("sft", "dpo", "rl"):
             if stage == self.final:
                 break
+            if self.done(f"16-bit {stage.upper()}", None):
+                continue
             if not self.affordable(f"16-bit {stage.upper()}", self.guess("eval"), margin=60):
                 continue
             self.add_row(f"16-bit {stage.upper()}", None, self.evaluate(self.dirs[stage]), {"stage": stage})
-        self.add_row("16-bit", None, self.evaluate(self.dirs[self.final]), {"stage": self.final})
+        if not self.done("16-bit", None):
+            self.add_row("16-bit", None, self.evaluate(self.dirs[self.final]), {"stage": self.final})
         for item in self.plan():
             if item == "extras":
                 self.extras()
-            else:
+            elif not self.done(METHODS[item[0]][0], item[1]):
                 self.run_method(*item)
         self.res["finished"] = time.strftime("%H:%M:%S")
         self.save()
@@ -643,6 +690,8 @@ def markdown(results: list[dict]) -> str:
         out.append("|" + "---|" * len(head))
         for s in _settings_in(rows):
             group = [x for x in rows if x.get("setting") == s]
+            if s is None:  # the 16-bit stages in training order (a resumed run may add them late)
+                group.sort(key=lambda x: {"16-bit SFT": 0, "16-bit DPO": 1}.get(x["method"], 2))
             best = max((y["avg"] for y in group if "avg" in y), default=None)
             for x in group:
                 name = setting_label(s) if s else "16"
@@ -811,6 +860,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=float, default=535, help="seconds for the whole run, report included")
     ap.add_argument("--deadline", type=float, default=None, help="(internal) absolute end time of a child")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the trained models and finished rows left in --work by an earlier run with the "
+                         "same training settings (on the GPU machine: a call made while it is still warm)")
     ap.add_argument("--serial", action="store_true", help="models one after the other, not in parallel")
     ap.add_argument("--train-seconds", type=float, default=170, help="all four training stages together")
     ap.add_argument("--stage-shares", type=float, nargs=4, default=[0.5, 0.2, 0.12, 0.18],

@@ -67,3 +67,32 @@ def test_search_diagnostics_summarise_the_quantize_report(tmp_path):
     row = {"method": "QuantLRM", "setting": "w3g128", "search": d}
     md = zoo.markdown([{"model": "m", "spec": {"model_type": "llama"}, "rows": [row]}])
     assert "| QuantLRM | W3 g128 | 3 | 33% | 0.25 | -25.0% | 0.20 |" in md
+
+
+def test_resume_reuses_the_trained_models_and_finished_rows(tmp_path):
+    """A toy zoo run cut short by its budget, then --resume: no retraining (same checkpoint
+    files, same stage logs), the finished row kept, the rest run; a changed training setting
+    is refused (trained again)."""
+    import json
+    import subprocess
+
+    script = str(Path(zoo.__file__).resolve())
+    common = ["--work", str(tmp_path / "w"), "--toy", "--device", "cpu", "--models", "toy-llama"]
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "o1"), "--budget", "22", *common],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = json.loads((tmp_path / "o1" / "toy-llama.json").read_text())
+    ckpt = tmp_path / "w" / "toy-llama" / first["quantized_model"] / "model.safetensors"
+    mtime = ckpt.stat().st_mtime_ns
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "o2"), "--budget", "200", "--resume",
+                        "--full-settings", "w3g128", "--main-methods", "rtn", "--hard-settings", "",
+                        "--option-settings", "", "--gptq-settings", "", "--extras", "none", *common],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    second = json.loads((tmp_path / "o2" / "toy-llama.json").read_text())
+    assert ckpt.stat().st_mtime_ns == mtime and second["stages"] == first["stages"] and second["resumed"]
+    done = {(x["method"], x["setting"]) for x in second["rows"] if "avg" in x}
+    assert {(x["method"], x["setting"]) for x in first["rows"] if "avg" in x} <= done
+    assert ("RTN", "w3g128") in done
+    a = zoo.parse_args(["--out", str(tmp_path / "o3"), "--resume", "--level", "3", *common])
+    assert not zoo.ModelRun("toy-llama", a, zoo.Clock(time.time() + 60)).resume()  # other data: retrain
