@@ -195,6 +195,24 @@ _INTERP_SCRIPT = textwrap.dedent("""
                 err = float((y - ref).norm() / ref.norm())
                 assert err < 2e-3, (bits, n, k, g, m, c, err)
                 worst = max(worst, err)
+    # skinny batches: the GEMV with several activation rows (padded to a power of two, masked),
+    # one split and split-K, fp16 pairs and fp32 (x32), with and without the gated epilogue
+    for bits, n, k, g in ((4, 24, 256, 128), (3, 10, 300, 300), (2, 8, 96, 32)):
+        q = quantize(torch.randn(n, k), bits, g)
+        kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.float16)
+        wd = L.dequantize(kw, torch.float32)
+        for m in (2, 3, 5, 8):
+            x = torch.randn(m, k).half()
+            ref = x.float() @ wd.t()
+            for c in (Config("gemv", block_n=4), Config("gemv", block_n=8, split_k=2),
+                      Config("gemv", block_n=4, split_k=3, x32=True)):
+                y = run_config(x, kw, c).float()
+                err = float((y - ref).norm() / ref.norm())
+                assert y.shape == (m, n) and err < 2e-3, (bits, n, k, g, m, c, err)
+                gy = run_config(x, kw, c, act=True).float()
+                gref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+                assert float((gy - gref).norm() / gref.norm()) < 2e-3, (bits, m, c)
+                worst = max(worst, err)
     # the gated-MLP epilogue: rows interleave (gate, up); silu(gate) * up stored at half width,
     # by the only split (MODE 0), by the last split of a row tile (MODE 2), and after the GEMM
     for bits, n, k, g in ((4, 40, 256, 128), (3, 18, 300, 300)):

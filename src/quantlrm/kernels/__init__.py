@@ -103,11 +103,21 @@ GEMV_H2_CONFIGS = tuple(
 )
 
 
+# Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
+# against the tensor-core GEMM and dequantize-then-cuBLAS.
+MAX_GEMV_ROWS = 8
+GEMV_ROWS_CONFIGS = (
+    Config("gemv", block_n=32, num_warps=4, split_k=8), Config("gemv", block_n=16, num_warps=4, split_k=8),
+    Config("gemv", block_n=64, num_warps=8, split_k=4), Config("gemv", block_n=32, num_warps=4, split_k=16),
+)
+
+
 def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> list[Config]:
     """The configurations tried for `m` activation rows (the first one never needs timing)."""
     if m == 1:
         h2 = [replace(c, half2=True) for c in GEMV_H2_CONFIGS] if half2_ok(kw, dtype) else []
         return list(GEMV_CONFIGS) + h2 + [Config("gemm", block_m=16, block_n=64, split_k=2)]
+    rows = list(GEMV_ROWS_CONFIGS) if m <= MAX_GEMV_ROWS else []
     if m <= 16:
         tiles = ((16, 64, 1, 4, 3), (16, 32, 4, 4, 3), (16, 128, 2, 4, 3))
     elif m <= 64:
@@ -120,6 +130,8 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
     out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w,
                   num_stages=max(1, min(st, 3 * 128 * 128 // (b_pad * bn))))
            for bm, bn, sk, w, st in tiles]
+    if m <= 16:  # the GEMM first: it is always valid (the tuner's fallback during graph capture)
+        out += rows
     return out + [Config("dequant", block_n=16), Config("dequant", block_n=64)]
 
 
@@ -153,6 +165,7 @@ _WS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """n: outputs per split (rows of x times rows of W)."""
     if split == 1:
         return None
     key = (str(device), n, split, tiles)
@@ -188,9 +201,9 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     u = cfg.blocks_per_step if cfg.half2 else 1
     per = tk.cdiv(tk.cdiv(nb, cfg.split_k), u) * u  # a split is whole steps
     split = tk.cdiv(nb, per)
-    if cfg.kind == "gemv" and m != 1:
-        raise ValueError("the GEMV configurations take one activation row")
-    ws = _workspace(x2.device, n, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" else None
+    if cfg.kind == "gemv" and (m > MAX_GEMV_ROWS or (cfg.half2 and m != 1)):
+        raise ValueError(f"the GEMV configurations take 1 (half2) or up to {MAX_GEMV_ROWS} activation rows")
+    ws = _workspace(x2.device, n * m, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" else None
     atomic = split > 1 and ws is None
     fused_act = act and cfg.kind == "gemv" and not atomic
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
@@ -204,16 +217,18 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             xin = torch.nn.functional.pad(xin, (0, 1))
         pairs = xin.view(torch.int64 if xin.dtype == torch.float32 else torch.int32)
         wsp, cnt = ws if ws is not None else (y, y)  # unused unless MODE 2
-        args = (pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per, kw.packed.stride(0),
-                kw.scale.stride(0))
         meta = dict(P=kw.per_word, W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
                     EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
-            tk._gemv_h2_kernel[grid](*args, PREFETCH=cfg.prefetch, U=u, FULL=nb % per == 0, **meta)
+            tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
+                                     kw.packed.stride(0), kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
+                                     FULL=nb % per == 0, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
-            tk._gemv_kernel[grid](*args, (1 << kw.bits) - 1, XKIND=xkind, **meta)
+            tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,
+                                  kw.packed.stride(0), kw.scale.stride(0), pairs.stride(0), (1 << kw.bits) - 1,
+                                  XKIND=xkind, MR=_pow2(m), **meta)
     else:
         grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), split)
         tk._gemm_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, m, n, k, nb, per, x2.stride(0), y.stride(0),

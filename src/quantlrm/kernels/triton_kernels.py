@@ -50,98 +50,126 @@ def _gemv_tile(N, n_blocks, blocks_per_split, W: tl.constexpr, W_PAD: tl.constex
 
 
 @triton.jit
-def _load_x_pairs(x_ptr, zero2, blk, K, p: tl.constexpr, jj, B: tl.constexpr, W: tl.constexpr,
-                  W_PAD: tl.constexpr, EVEN_K: tl.constexpr):
-    """The activation pairs of code pair p of every word of block `blk`, as a [BLOCK_N, W_PAD]
-    tile whose rows repeat the same addresses (served by L1): it keeps the words' layout."""
+def _load_x_pairs(x_ptr, xoff, blk, K, p: tl.constexpr, jj, B: tl.constexpr, W: tl.constexpr,
+                  W_PAD: tl.constexpr, EVEN_K: tl.constexpr, xmask):
+    """The activation pairs of code pair p of every word of block `blk`, as a [..., W_PAD] tile
+    (xoff: each tile row's start, in pairs; rows of one activation repeat the same addresses,
+    served by L1): it keeps the words' layout. xmask: the tile rows that hold an activation row."""
     kp = blk * (B // 2) + p * W + jj
-    px = x_ptr + (zero2 + kp[None, :])
+    px = x_ptr + (xoff + kp)
     if 2 * (p * W + W_PAD) > B or not EVEN_K:  # lanes past the block's (or the row's) end
-        inb = (2 * (p * W + jj) < B) & (2 * kp < K)
-        return tl.load(px, mask=(zero2 == 0) & inb[None, :], other=0)
-    return tl.load(px)  # lanes past W read later pairs of this block; the caller drops them
-
-
-@triton.jit
-def _store_out(v, y_ptr, rows, mask_n, N, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
-    """Store a row tile's finished outputs. ACT 1: the rows are interleaved (gate, up) pairs of a
-    gated MLP, and silu(gate) * up is stored at half the width (no separate activation launch)."""
-    if ACT:
-        g, u = tl.split(tl.reshape(v, [BLOCK_N // 2, 2]))
-        half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(y_ptr + half, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=half < N // 2)
+        inb = (2 * (p * W + jj) < B) & (2 * kp < K)  # broadcast to the tile by the load
+        if xmask is None:
+            v = tl.load(px, mask=inb, other=0)
+        else:
+            v = tl.load(px, mask=inb & xmask, other=0)
+    elif xmask is None:  # one activation row: lanes past W read later pairs of this block (dropped)
+        v = tl.load(px)
     else:
-        tl.store(y_ptr + rows, v.to(y_ptr.dtype.element_ty), mask=mask_n)
+        v = tl.load(px, mask=xmask, other=0)
+    return v
 
 
 @triton.jit
-def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.constexpr,
+def _store_out(v, y_ptr, rows, mask_n, mm, M, N, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
+    """Store a program's finished outputs v [MR, BLOCK_N] (row m of the activations at y row m).
+    ACT 1: the rows of W are interleaved (gate, up) pairs of a gated MLP, and silu(gate) * up is
+    stored at half the width (no separate activation launch)."""
+    if ACT:
+        g, u = tl.split(tl.reshape(v, [v.shape[0], BLOCK_N // 2, 2]))
+        half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + mm[:, None] * (N // 2) + half[None, :],
+                 (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty),
+                 mask=(mm < M)[:, None] & (half < N // 2)[None, :])
+    else:
+        tl.store(y_ptr + mm[:, None] * N + rows[None, :], v.to(y_ptr.dtype.element_ty),
+                 mask=(mm < M)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, mm, M, N, n_split, MODE: tl.constexpr,
                 BLOCK_N: tl.constexpr, ACT: tl.constexpr):
-    """A GEMV program's [BLOCK_N] result. MODE 0: the only split, store. MODE 1: fp32 atomics
-    into a zeroed y (needs a fill and a cast launch around the kernel; no ACT). MODE 2: split-K
-    reduced in the kernel: each split stores its partial to the workspace, and the last split
-    of a row tile to arrive (counted with an atomic) sums them in split order and stores y,
-    then re-arms the counter. One launch, no fill or cast, and deterministic."""
+    """A GEMV program's [MR, BLOCK_N] result. MODE 0: the only split, store. MODE 1: fp32
+    atomics into a zeroed y (needs a fill and a cast launch around the kernel; no ACT). MODE 2:
+    split-K reduced in the kernel: each split stores its partial to the workspace, and the last
+    split of a row tile to arrive (counted with an atomic) sums them in split order and stores
+    y, then re-arms the counter. One launch, no fill or cast, and deterministic."""
+    m2 = (mm < M)[:, None] & mask_n[None, :]
     if MODE == 0:
-        _store_out(acc, y_ptr, rows, mask_n, N, BLOCK_N, ACT)
+        _store_out(acc, y_ptr, rows, mask_n, mm, M, N, BLOCK_N, ACT)
     elif MODE == 1:
-        tl.atomic_add(y_ptr + rows, acc, mask=mask_n)
+        tl.atomic_add(y_ptr + mm[:, None] * N + rows[None, :], acc, mask=m2)
     else:
         pid_n = tl.program_id(0)
-        tl.store(ws_ptr + tl.program_id(1) * N + rows, acc, mask=mask_n)
+        part = ws_ptr + (tl.program_id(1) * M + mm[:, None]) * N + rows[None, :]
+        tl.store(part, acc, mask=m2)
         tl.debug_barrier()  # every thread's partial is written before the release below
         done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if done == n_split - 1:
             tot = tl.zeros_like(acc)
             for k in range(n_split):  # .cg: read L2, never a stale L1 line of an earlier call
-                tot += tl.load(ws_ptr + k * N + rows, mask=mask_n, other=0.0, cache_modifier=".cg")
-            _store_out(tot, y_ptr, rows, mask_n, N, BLOCK_N, ACT)
+                tot += tl.load(ws_ptr + (k * M + mm[:, None]) * N + rows[None, :], mask=m2, other=0.0,
+                               cache_modifier=".cg")
+            _store_out(tot, y_ptr, rows, mask_n, mm, M, N, BLOCK_N, ACT)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 N, K, n_blocks, blocks_per_split, stride_p, stride_s, code_mask,
+                 M, N, K, n_blocks, blocks_per_split, stride_p, stride_s, stride_xp, code_mask,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                  W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, XKIND: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr,
+                 MR: tl.constexpr):
     # Every tensor in the loop has the words' layout or a slice of it: x is loaded as activation
-    # pairs (x_ptr: int32 pairs of fp16/bf16, or int64 pairs of fp32; K even) through a
-    # [BLOCK_N, W_PAD] pointer (rows repeat the same addresses, served by L1) rather than as a
-    # vector, so the compiler needs no shared-memory layout conversion per code.
+    # pairs (x_ptr: int32 pairs of fp16/bf16, or int64 pairs of fp32; K even; stride_xp: pairs
+    # per activation row) through a [MR, BLOCK_N, W_PAD] pointer (the BLOCK_N rows repeat the
+    # same addresses, served by L1) rather than as a vector, so the compiler needs no
+    # shared-memory layout conversion per code. MR activation rows (skinny batches up to MR):
+    # each code is decoded once and multiplies all of them.
     # A code is decoded where it lies: its bits r..r+BITS-1 or-ed into the fp32 number
     # 2^(23-r), whose mantissa unit is 2^-r, give 2^(23-r) + q exactly. One and-or (the mask is
     # a run-time value, so it sits in a register and and+or fuse into one LOP3), no shift; the
     # upper 16 bits of the word (the pair's second code) are shifted down once.
+    # Every tile is 3-D, [MR, BLOCK_N, W_PAD] or a broadcast slice of it, so that one layout
+    # serves the words, the activations and the products (mixing 2-D and 3-D tiles cost a
+    # shared-memory layout conversion per code pair for W3).
     H: tl.constexpr = P // 2
     rows, jj, mask_n, wmask, b_begin, b_end = _gemv_tile(N, n_blocks, blocks_per_split, W, W_PAD, BLOCK_N)
-    zero2 = tl.zeros([BLOCK_N, W_PAD], dtype=tl.int32)
+    mm = tl.arange(0, MR)
+    r3, j3 = rows[None, :, None], jj[None, None, :]
+    w3mask = wmask[None, :, :]
+    xoff = tl.zeros([MR, BLOCK_N, W_PAD], dtype=tl.int32)
+    xmask = None
+    if MR > 1:  # (one row: no offsets or masks, so batch 1 compiles as it did without MR)
+        xoff += (mm * stride_xp)[:, None, None]
+        xmask = (xoff >= 0) & (mm < M)[:, None, None]
     cmask = code_mask.to(tl.uint32)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([MR, BLOCK_N], dtype=tl.float32)
     for blk in range(b_begin, b_end):
-        pw = p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :]
+        pw = p_ptr + r3 * stride_p + blk * W + j3
         if EVEN_N and W == W_PAD:
             words = tl.load(pw)
         else:
-            words = tl.load(pw, mask=wmask, other=0)
-        words = words.to(tl.uint32, bitcast=True)
+            words = tl.load(pw, mask=w3mask, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [1, BLOCK_N, W_PAD]
         upper = words >> 16
         grp = blk // GB if GB > 0 else 0
-        s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
-        t = tl.zeros([BLOCK_N, W_PAD], dtype=tl.float32)
+        s = tl.load(s_ptr + r3 * stride_s + grp, mask=r3 < N, other=0.0).to(tl.float32)  # [1, BLOCK_N, 1]
+        z = tl.load(z_ptr + r3 * stride_s + grp, mask=r3 < N, other=0.0).to(tl.float32)
+        t = tl.zeros([MR, BLOCK_N, W_PAD], dtype=tl.float32)
         for p in tl.static_range(H):
             R = BITS * p  # bit offset of the pair's codes in the word and in `upper`
             zc = z + 8388608.0 / (1 << R)  # 2^(23-R) + z
-            x_lo, x_hi = _x_pair(_load_x_pairs(x_ptr, zero2, blk, K, p, jj, B, W, W_PAD, EVEN_K), XKIND)
+            x_lo, x_hi = _x_pair(_load_x_pairs(x_ptr, xoff, blk, K, p, j3, B, W, W_PAD, EVEN_K, xmask), XKIND)
             q_lo = (words & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
             q_hi = (upper & (cmask << R)) | ((150 - R) << 23)
-            t += (q_lo.to(tl.float32, bitcast=True) - zc[:, None]) * x_lo
-            t += (q_hi.to(tl.float32, bitcast=True) - zc[:, None]) * x_hi
+            t += (q_lo.to(tl.float32, bitcast=True) - zc) * x_lo
+            t += (q_hi.to(tl.float32, bitcast=True) - zc) * x_hi
         if W != W_PAD:
-            t = tl.where((jj < W)[None, :], t, 0.0)
-        acc += tl.sum(t, axis=1) * s
-    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE, BLOCK_N, ACT)
+            t = tl.where(j3 < W, t, 0.0)
+        acc += tl.sum(t, axis=2) * tl.sum(s, axis=2)  # (the sum over the size-1 axis drops it)
+    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, mm, M, N, tl.num_programs(1), MODE, BLOCK_N, ACT)
 
 
 @triton.jit
@@ -331,6 +359,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc3 += part.to(tl.float32, bitcast=True) * (s * 16.0)
     if W != W_PAD:
         acc3 = tl.where(jj < W, acc3, 0.0)
-    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
     mask_n = rows < N
-    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE, BLOCK_N, ACT)
+    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1), MODE,
+                BLOCK_N, ACT)
