@@ -84,11 +84,16 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     # QuantLRM's scales, then GPTQ's error-compensated rounding instead of round-to-nearest
     "quantlrm-gptq": ("QuantLRM + GPTQ rounding", "ours", dict(method="quantlrm", rounding="gptq")),
     "gptq-ours": ("GPTQ (ours: RTN scales + GPTQ rounding)", "ours", dict(method="rtn", rounding="gptq")),
+    "quantlrm-gptq-ao": ("QuantLRM + GPTQ rounding (act-order)", "ours",
+                         dict(method="quantlrm", rounding="gptq", gptq_act_order=True)),
+    "gptq-ours-ao": ("GPTQ (ours, act-order)", "ours", dict(method="rtn", rounding="gptq", gptq_act_order=True)),
 }
 BASELINES = ["RTN", "AWQ (ours)", "GPTQ (llm-compressor)", "AWQ (llm-compressor)"]
 # Further paired comparisons in the report: (method, its baselines), when both rows exist.
 EXTRA_COMPARISONS = [("QuantLRM + GPTQ rounding", ["QuantLRM", "GPTQ (llm-compressor)",
-                                                   "GPTQ (ours: RTN scales + GPTQ rounding)"])]
+                                                   "GPTQ (ours: RTN scales + GPTQ rounding)"]),
+                     ("QuantLRM + GPTQ rounding (act-order)", ["QuantLRM + GPTQ rounding", "GPTQ (llm-compressor)",
+                                                               "GPTQ (ours, act-order)"])]
 
 # First-guess seconds per decoder layer of a quantization call, before one was measured
 # (run 2, llama-30m with 8 layers on an H100: ours 1-2 s, llm-compressor GPTQ 9.6 s, AWQ 36.5 s;
@@ -895,7 +900,7 @@ def parse_args(argv=None):
     ap.add_argument("--hard-methods", default="rtn,awq,quantlrm,gptq-llmc")
     ap.add_argument("--gptq-settings", default="w3g128,w2g128",
                     help="settings that also get --gptq-methods, right after QuantLRM ('' for none)")
-    ap.add_argument("--gptq-methods", default="quantlrm-gptq,gptq-ours",
+    ap.add_argument("--gptq-methods", default="quantlrm-gptq,gptq-ours,quantlrm-gptq-ao,gptq-ours-ao",
                     help="our pipeline with GPTQ rounding: QuantLRM scales, and plain (RTN scales)")
     ap.add_argument("--option-settings", default="w3g128")
     ap.add_argument("--option-methods", default="quantlrm-act,quantlrm-mean,quantlrm-prev")

@@ -66,6 +66,53 @@ def test_shared_input_pass_equals_each_linear_alone():
     assert torch.equal(both[0][0].codes.long(), reference_gptq(w1, H, 3, 32, 0.01, clip=c1))
 
 
+def reference_gptq_act_order(w, h, bits, g, damp, clip=None):
+    """Textbook GPTQ in fp64 with act-order and static groups: every group's grid from the
+    weights before GPTQ, then columns by decreasing H diagonal, explicit inverse and Schur
+    complement after each column (no Cholesky, no blocks)."""
+    W, H = w.double().clone(), h.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = quantize(W, bits, g, clip_max=clip)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    Wp, Hinv = W[:, perm].clone(), torch.linalg.inv(H[perm][:, perm])
+    codes = torch.zeros(W.shape, dtype=torch.long)
+    for j in range(W.shape[1]):
+        col = int(perm[j])
+        gi = col // g
+        s, z = static.scale[:, gi].double(), static.zero[:, gi].double()
+        x = Wp[:, j]
+        xc = x if clip is None else torch.maximum(torch.minimum(x, clip[:, gi].double()), -clip[:, gi].double())
+        q = (torch.round(xc / s) + z).clamp(0, 2**bits - 1)
+        codes[:, col] = q.long()
+        err = (x - (q - z) * s) / Hinv[j, j]
+        Wp[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
+    return codes, static
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_act_order_equals_the_column_by_column_reference(clipped):
+    X = correlated_inputs(256, 64, seed=11)
+    X[:, 7] = 0  # a dead input
+    X[:, 40:48] *= 4  # inputs GPTQ should take first
+    H = 2 / X.shape[0] * X.double().T @ X.double()
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    clip = w.reshape(8, 4, 16).abs().amax(-1) * 0.8 if clipped else None
+    res, st = G.gptq_quantize(w, H, 3, 16, clip_max=clip, damp=0.01, block=24, act_order=True)
+    ref, static = reference_gptq_act_order(w, H, 3, 16, 0.01, clip)
+    assert (res.codes.long() != ref).sum() <= 1  # fp64 both: at most a rounding tie
+    assert torch.equal(res.scale, static.scale) and torch.equal(res.zero, static.zero)  # static groups
+    hd = G.damped_hessian(H, 0.01)
+    w0 = w.clone()
+    w0[:, 7] = 0  # GPTQ zeroes the weights of dead inputs; its loss is measured from there
+    assert st.loss == pytest.approx(G.objective(w0, res.dequant(), hd), rel=1e-5)
+    plain, _ = G.gptq_quantize(w, H, 3, 16, clip_max=clip, damp=0.01, block=24)
+    assert not torch.equal(plain.codes, res.codes)  # the order matters
+
+
 def correlated_inputs(n, k, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, k, generator=g) @ torch.randn(k, k, generator=g) * 0.3 + 0.1 * torch.randn(n, k, generator=g)
@@ -240,6 +287,11 @@ def test_cli_flags_and_resume_fingerprint(tiny, tmp_path, monkeypatch):
                  "--out", str(tmp_path / "o")]) == 0
     opts = _report(tmp_path / "o")["options"]
     assert (opts["rounding"], opts["gptq_damp"], opts["gptq_block"]) == ("gptq", 0.05, 16)
+    assert opts["gptq_act_order"] is False
+    assert main([*args, "--rounding", "gptq", "--gptq-act-order", "--out", str(tmp_path / "ao")]) == 0
+    rep = _report(tmp_path / "ao")
+    assert rep["options"]["gptq_act_order"] is True
+    assert all(v["loss"] <= v["loss_rtn"] for r in rep["layers"] for v in r["gptq"].values())
     assert _report(tmp_path / "o")["layers"][0]["gptq"]["q"]["damp"] == 0.05
 
     def crash(self, i, tensors, record):
@@ -261,6 +313,7 @@ def test_cli_flags_and_resume_fingerprint(tiny, tmp_path, monkeypatch):
         (dict(rounding="gptq", gptq_damp=float("nan")), "damping must be a positive"),
         (dict(rounding="gptq", gptq_block=0), "block must be a positive"),
         (dict(gptq_damp=0.1), "--rounding gptq"),
+        (dict(gptq_act_order=True), "--rounding gptq"),
     ],
 )
 def test_bad_options_are_refused(kw, msg, tiny, tmp_path):
@@ -276,8 +329,9 @@ _BLOCK_KERNEL_SCRIPT = textwrap.dedent("""
     torch_path = lambda *a: False
     fused_path = G._block_kernel_ok
     worst = 0.0
-    for bits, g, block, clip, out, inp in ((3, 16, 32, True, 10, 96), (4, 32, 64, False, 70, 96),
-                                           (3, 32, 32, False, 5, 64), (4, 16, 64, True, 33, 160)):
+    for bits, g, block, clip, out, inp, ao in ((3, 16, 32, True, 10, 96, False), (4, 32, 64, False, 70, 96, False),
+                                               (3, 32, 32, False, 5, 64, False), (4, 16, 64, True, 33, 160, False),
+                                               (3, 16, 24, True, 12, 96, True), (4, 32, 64, False, 9, 96, True)):
         gen = torch.Generator().manual_seed(bits + g + block)
         x = torch.randn(300, inp, generator=gen) @ torch.randn(inp, inp, generator=gen) * 0.3
         x[:, 5] = 0  # a dead input
@@ -286,13 +340,13 @@ _BLOCK_KERNEL_SCRIPT = textwrap.dedent("""
         c = w.reshape(out, -1, g).abs().amax(-1) * 0.8 if clip else None
         if clip:
             c[::3] = float("inf")  # rows of an unclipped linear stacked with clipped ones
-        assert fused_path(w, block, g)
-        got, st = G.gptq_quantize(w, h, bits, g, clip_max=c, block=block)
+        assert fused_path(w, block, 1 if ao else g)
+        got, st = G.gptq_quantize(w, h, bits, g, clip_max=c, block=block, act_order=ao)
         G._block_kernel_ok = torch_path
-        want, st_want = G.gptq_quantize(w, h, bits, g, clip_max=c, block=block)
+        want, st_want = G.gptq_quantize(w, h, bits, g, clip_max=c, block=block, act_order=ao)
         G._block_kernel_ok = fused_path
         diff = float((got.codes != want.codes).float().mean())
-        assert diff <= 2e-3, (bits, g, block, clip, diff)
+        assert diff <= 2e-3, (bits, g, block, clip, ao, diff)
         assert torch.allclose(got.scale, want.scale, rtol=1e-4), (bits, g, block, clip)
         assert float((got.zero.int() - want.zero.int()).abs().float().mean()) <= 2e-3
         assert abs(st.loss - st_want.loss) <= 1e-3 * st_want.loss, (st.loss, st_want.loss)
@@ -304,7 +358,8 @@ _BLOCK_KERNEL_SCRIPT = textwrap.dedent("""
 def test_gptq_block_kernel_matches_the_torch_loop_in_interpreter():
     """The Triton GPTQ block kernel (one launch per block on a GPU), run by Triton's CPU
     interpreter, against the torch column loop: same codes, grid and loss, with clipping,
-    a dead input, partial row tiles and a last block shorter than the others."""
+    a dead input, partial row tiles, a last block shorter than the others, and act-order
+    (given grids; a block of 24 columns across groups of 16)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _BLOCK_KERNEL_SCRIPT], env=env, capture_output=True, text=True,

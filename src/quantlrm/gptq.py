@@ -123,13 +123,17 @@ def gptq_quantize(
     clip_max: torch.Tensor | None = None,
     damp: float = 0.01,
     block: int = 128,
+    act_order: bool = False,
 ) -> tuple[QuantResult, GPTQStats]:
     """Quantize `w` [out, in] with GPTQ's error compensation under Hessian `h` [in, in].
 
     Works in fp64 when `h` is fp64 (tests), else fp32. `clip_max` [out, in/g] clamps each
     group to [-clip, clip] before its grid is chosen and before rounding, as `quantize` does.
+    `act_order`: columns in order of decreasing H diagonal (the most used inputs first, while
+    the most columns remain to absorb their error), with every group's grid fixed beforehand
+    ("static" groups), so the group layout and every export format stay as they are.
     """
-    return gptq_quantize_shared([w], h, bits, group_size, [clip_max], damp, block)[0]
+    return gptq_quantize_shared([w], h, bits, group_size, [clip_max], damp, block, act_order)[0]
 
 
 @torch.no_grad()
@@ -141,6 +145,7 @@ def gptq_quantize_shared(
     clips: list[torch.Tensor | None] | None = None,
     damp: float = 0.01,
     block: int = 128,
+    act_order: bool = False,
 ) -> list[tuple[QuantResult, GPTQStats]]:
     """`gptq_quantize` of several linears that read the same input (q/k/v, gate/up) in one pass.
 
@@ -160,7 +165,7 @@ def gptq_quantize_shared(
             g = check_config(bits, group_size, w.shape[1])
             clip_max = torch.cat([c.float() if c is not None else x.new_full((x.shape[0], x.shape[1] // g), float("inf"), dtype=torch.float32)
                                   for x, c in zip(ws, clips, strict=True)])
-    result, loss, loss_rtn, used_damp, dead = _gptq_rows(w, h, bits, group_size, clip_max, damp, block)
+    result, loss, loss_rtn, used_damp, dead = _gptq_rows(w, h, bits, group_size, clip_max, damp, block, act_order)
     out, r0 = [], 0
     for x in ws:
         r1 = r0 + x.shape[0]
@@ -172,7 +177,7 @@ def gptq_quantize_shared(
     return out
 
 
-def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
+def _gptq_rows(w, h, bits, group_size, clip_max, damp, block, act_order=False):
     """The GPTQ pass; per-row GPTQ and RTN objectives, the damping used, the dead inputs."""
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise QuantLRMError(
@@ -184,20 +189,25 @@ def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
     out, inp = w.shape
     g = check_config(bits, group_size, inp)
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    max_int = 2**bits - 1
     W = w.detach().to(dt).clone()
     H, dead = _without_dead(h.detach().to(dt))
     W[:, dead] = 0
-    U, used_damp = _inverse_cholesky(H, damp)
-
-    codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
-    scale = torch.empty(out, inp // g, dtype=torch.float32, device=W.device)
-    zero = torch.empty(out, inp // g, dtype=torch.uint8, device=W.device)
     w0 = W.clone()  # after dead-column zeroing: what the objective is measured against
+    perm = None
+    if act_order:  # columns by decreasing H diagonal; the groups keep their grids from w0 (static)
+        static = quantize(w0, bits, g, clip_max=clip_max)
+        scale, zero = static.scale, static.zero
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        scale = torch.empty(out, inp // g, dtype=torch.float32, device=W.device)
+        zero = torch.empty(out, inp // g, dtype=torch.uint8, device=W.device)
+    U, used_damp = _inverse_cholesky(H, damp)
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(out, dtype=dt, device=W.device)
     inv_d = 1.0 / torch.diagonal(U)  # err_j = (w_j - q_j) / U[j, j]
-    s_col = zs_col = lo = hi = None
-    fused = _block_kernel_ok(W, block, g)
+    grid = _GroupGrid(bits, g, clip_max, dt, scale, zero, perm)
+    fused = _block_kernel_ok(W, block, 1 if act_order else g)  # given grids: any block will do
     # The column loop is sequential, so its cost is the number of small ops per column (each a
     # kernel launch on a GPU): one Triton launch per block where it applies, else about ten
     # torch ops per column; the loss and the codes are taken per block.
@@ -206,41 +216,20 @@ def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
         if fused:
             from quantlrm.kernels.gptq_block import gptq_block
 
-            clip1 = clip_max[:, i1 // g : i2 // g] if clip_max is not None else None
-            Q1, E1, s1, z1 = gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], inv_d[i1:i2], clip1, bits, g)
-            scale[:, i1 // g : i2 // g], zero[:, i1 // g : i2 // g] = s1, z1.to(torch.uint8)
+            if act_order:
+                Q1, E1, _, _ = gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], inv_d[i1:i2], clip_max, bits, g,
+                                          static=(scale, zero, perm[i1:i2] // g))
+            else:
+                clip1 = clip_max[:, i1 // g : i2 // g] if clip_max is not None else None
+                Q1, E1, s1, z1 = gptq_block(W[:, i1:i2], U[i1:i2, i1:i2], inv_d[i1:i2], clip1, bits, g)
+                scale[:, i1 // g : i2 // g], zero[:, i1 // g : i2 // g] = s1, z1.to(torch.uint8)
         else:
-            W1 = W[:, i1:i2].clone()  # [out, b], kept up to date inside the block
-            E1 = torch.zeros_like(W1)  # scaled errors err / U[j, j], for the lazy update
-            Q1 = torch.empty_like(W1)  # the block's codes
-            U1 = U[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if col % g == 0:
-                    cur = _current_group(W, W1, E1, U, i1, i2, i, col, g)  # [out, g]
-                    gi = col // g
-                    gq = quantize(cur, bits, g, clip_max=clip_max[:, gi : gi + 1] if clip_max is not None else None)
-                    scale[:, gi], zero[:, gi] = gq.scale[:, 0], gq.zero[:, 0]
-                    s_col, z_col = gq.scale[:, 0].to(dt), gq.zero[:, 0].to(dt)
-                    zs_col = z_col * s_col
-                    # clipping to [-c, c] then rounding and clamping the code to [0, max] is the
-                    # same as rounding then clamping the code to [lo, hi]
-                    lo = torch.zeros_like(z_col)
-                    hi = torch.full_like(z_col, max_int)
-                    if clip_max is not None:
-                        c = clip_max[:, gi].to(dt)
-                        lo = (torch.round(-c / s_col) + z_col).clamp(0, max_int)
-                        hi = (torch.round(c / s_col) + z_col).clamp(0, max_int)
-                x = W1[:, i]
-                q = torch.round(x / s_col).add_(z_col)
-                q = torch.maximum(torch.minimum(q, hi, out=q), lo, out=q)
-                Q1[:, i] = q
-                err = torch.addcmul(x + zs_col, s_col, q, value=-1).mul_(inv_d[col])  # (x - deq) / d
-                E1[:, i] = err
-                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Q1, E1 = _column_loop(W, U, inv_d, i1, i2, grid)
         codes[:, i1:i2] = Q1.to(torch.uint8)
         loss += 0.5 * E1.pow(2).sum(1)  # sum of (w - deq)^2 / (2 d^2)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's deferred update of all later columns
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
 
     result = QuantResult(codes=codes, scale=scale, zero=zero, bits=bits, group_size=g)
     hd = damped_hessian(h.to(dt), used_damp)
@@ -248,9 +237,71 @@ def _gptq_rows(w, h, bits, group_size, clip_max, damp, block):
     return result, loss, _row_objective(w0, rtn, hd), used_damp, int(dead.sum())
 
 
+class _GroupGrid:
+    """The grid (scale, zero point, code bounds) of the column GPTQ is about to round.
+
+    In column order a group's grid is taken from its weights as they are when the group starts
+    (already updated by the earlier columns; written into scale/zero). With act-order (`perm`)
+    the grids were fixed from the weights before GPTQ, and each column takes its own group's.
+    """
+
+    def __init__(self, bits, g, clip_max, dt, scale, zero, perm):
+        self.bits, self.g, self.clip_max, self.dt = bits, g, clip_max, dt
+        self.scale, self.zero = scale, zero
+        self.group_of = (perm // g).tolist() if perm is not None else None
+        self.current = -1
+        self.params = None
+
+    def for_column(self, col: int, W, W1, E1, U, i1: int, i2: int, i: int):
+        """(s, z, z * s, lo, hi) for column `col` (position i of the block i1:i2)."""
+        if self.group_of is None:
+            gi = col // self.g
+            if gi != self.current:
+                cur = _current_group(W, W1, E1, U, i1, i2, i, col, self.g)  # [out, g]
+                clip = self.clip_max[:, gi : gi + 1] if self.clip_max is not None else None
+                gq = quantize(cur, self.bits, self.g, clip_max=clip)
+                self.scale[:, gi], self.zero[:, gi] = gq.scale[:, 0], gq.zero[:, 0]
+                self._set(gi)
+        elif self.group_of[col] != self.current:
+            self._set(self.group_of[col])
+        return self.params
+
+    def _set(self, gi: int) -> None:
+        s, z = self.scale[:, gi].to(self.dt), self.zero[:, gi].to(self.dt)
+        max_int = 2**self.bits - 1
+        # clipping to [-c, c] then rounding and clamping the code to [0, max] is the same as
+        # rounding then clamping the code to [lo, hi]
+        lo, hi = torch.zeros_like(z), torch.full_like(z, max_int)
+        if self.clip_max is not None:
+            c = self.clip_max[:, gi].to(self.dt)
+            lo = (torch.round(-c / s) + z).clamp(0, max_int)
+            hi = (torch.round(c / s) + z).clamp(0, max_int)
+        self.current, self.params = gi, (s, z, z * s, lo, hi)
+
+
+def _column_loop(W, U, inv_d, i1: int, i2: int, grid: _GroupGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's columns i1..i2 one at a time in torch: the block's codes and scaled errors."""
+    W1 = W[:, i1:i2].clone()  # [out, b], kept up to date inside the block
+    E1 = torch.zeros_like(W1)  # scaled errors err / U[j, j], for the lazy update
+    Q1 = torch.empty_like(W1)  # the block's codes
+    U1 = U[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = i1 + i
+        s, z, zs, lo, hi = grid.for_column(col, W, W1, E1, U, i1, i2, i)
+        x = W1[:, i]
+        q = torch.round(x / s).add_(z)
+        q = torch.maximum(torch.minimum(q, hi, out=q), lo, out=q)
+        Q1[:, i] = q
+        err = torch.addcmul(x + zs, s, q, value=-1).mul_(inv_d[col])  # (x - deq) / d
+        E1[:, i] = err
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+    return Q1, E1
+
+
 def _block_kernel_ok(W: torch.Tensor, block: int, g: int) -> bool:
-    """The Triton block kernel runs fp32 blocks that hold whole groups (block a multiple of g,
-    at most 256 columns), on a GPU or in Triton's CPU interpreter (tests)."""
+    """The Triton block kernel runs fp32 blocks of at most 256 columns that hold whole groups
+    (block a multiple of g; any block when the grids are given, g = 1), on a GPU or in
+    Triton's CPU interpreter (tests)."""
     if W.dtype != torch.float32 or block % g or block > 256:
         return False
     if not (W.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):

@@ -92,6 +92,7 @@ class QuantizeOptions:
     rounding: str = "rtn"  # "rtn": round to nearest; "gptq": GPTQ error compensation after the scales
     gptq_damp: float = 0.01  # GPTQ: damping added to H's diagonal, relative to its mean
     gptq_block: int = 128  # GPTQ: columns per lazy-batch block (speed only; the result is the same)
+    gptq_act_order: bool = False  # GPTQ: columns by decreasing H diagonal, group grids fixed beforehand
     overwrite: bool = False
     progress: bool = True
     importance: dict | None = field(default=None, repr=False)  # in-memory signals (library use)
@@ -155,9 +156,10 @@ def _validate_rounding(opts: QuantizeOptions) -> None:
         raise QuantLRMError(f"GPTQ damping must be a positive number, got {damp!r}.", f"use --gptq-damp {damp0}.")
     if not isinstance(block, int) or block < 1:
         raise QuantLRMError(f"GPTQ block must be a positive integer, got {block!r}.", f"use --gptq-block {block0}.")
-    if opts.rounding != "gptq" and (damp != damp0 or block != block0):
+    if opts.rounding != "gptq" and (damp != damp0 or block != block0 or opts.gptq_act_order):
         raise QuantLRMError(
-            "--gptq-damp/--gptq-block were given but rounding is rtn.", "add --rounding gptq, or drop them."
+            "--gptq-damp/--gptq-block/--gptq-act-order were given but rounding is rtn.",
+            "add --rounding gptq, or drop them.",
         )
 
 
@@ -652,7 +654,8 @@ def quantize_layer(
         ws = [sd[arch.linears[x] + ".weight"] for x in shorts]
         h = G.scale_hessian(cap.hessians[first].hessian(), s.to(ws[0].device) if s is not None else None)
         done = G.gptq_quantize_shared(ws, h.to(ws[0].device), opts.bits, opts.group_size,
-                                      [plan.clips.get(x) for x in shorts], opts.gptq_damp, opts.gptq_block)
+                                      [plan.clips.get(x) for x in shorts], opts.gptq_damp, opts.gptq_block,
+                                      opts.gptq_act_order)
         for x, (res, st) in zip(shorts, done, strict=True):
             results[x] = res
             gptq_rec[x] = st.as_dict()

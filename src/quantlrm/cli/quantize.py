@@ -66,6 +66,9 @@ def register(sub) -> None:
     )
     p.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, relative to mean(diag H)")
     p.add_argument("--gptq-block", type=int, default=128, help="GPTQ columns per lazy-update block (speed only)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="GPTQ: most-used input channels first (decreasing H diagonal), with every group's grid "
+                   "fixed before GPTQ (static groups), so the exports are unchanged")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         rounding=args.rounding,
         gptq_damp=args.gptq_damp,
         gptq_block=args.gptq_block,
+        gptq_act_order=args.gptq_act_order,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -28,10 +28,12 @@ def _rint(v):
 
 
 @triton.jit
-def _gptq_block_kernel(w_ptr, u_ptr, invd_ptr, clip_ptr, q_ptr, e_ptr, s_ptr, z_ptr,
+def _gptq_block_kernel(w_ptr, u_ptr, invd_ptr, clip_ptr, q_ptr, e_ptr, s_ptr, z_ptr, gidx_ptr,
                        R, NCOL, stride_w, stride_u, stride_c, stride_s,
                        G: tl.constexpr, MAXQ: tl.constexpr, HAS_CLIP: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STATIC: tl.constexpr):
+    # STATIC (act-order): every group's grid is given (s_ptr, z_ptr [rows, groups]) and column i
+    # belongs to group gidx[i]; else a group's grid is computed here when the group starts.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < R
@@ -44,7 +46,15 @@ def _gptq_block_kernel(w_ptr, u_ptr, invd_ptr, clip_ptr, q_ptr, e_ptr, s_ptr, z_
     lo = tl.zeros([BLOCK_R], dtype=tl.float32)
     hi = tl.full([BLOCK_R], MAXQ, tl.float32)
     for i in range(0, NCOL):
-        if i % G == 0:  # a group starts: its grid from the columns as they are now
+        if STATIC:
+            gi = tl.load(gidx_ptr + i)
+            s = tl.load(s_ptr + rows * stride_s + gi, mask=rmask, other=1.0)
+            z = tl.load(z_ptr + rows * stride_s + gi, mask=rmask, other=0.0)
+            if HAS_CLIP:
+                c = tl.load(clip_ptr + rows * stride_c + gi, mask=rmask, other=1.0)
+                lo = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-c, s)) + z, 0.0), MAXQ * 1.0)
+                hi = tl.minimum(tl.maximum(_rint(tl.math.div_rn(c, s)) + z, 0.0), MAXQ * 1.0)
+        elif i % G == 0:  # a group starts: its grid from the columns as they are now
             in_group = ((cols >= i) & (cols < i + G))[None, :]
             wc = W
             if HAS_CLIP:
@@ -72,22 +82,31 @@ def _gptq_block_kernel(w_ptr, u_ptr, invd_ptr, clip_ptr, q_ptr, e_ptr, s_ptr, z_
 
 
 def gptq_block(w1: torch.Tensor, u1: torch.Tensor, inv_d: torch.Tensor, clip: torch.Tensor | None,
-               bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scaled errors, scales and zero points of one block [rows, b] (fp32) whose groups
-    lie inside it (b a multiple of `group_size`); u1 = the block's [b, b] slice of GPTQ's upper
-    Cholesky factor, inv_d = 1 / its diagonal, clip = [rows, b / group_size] or None."""
+               bits: int, group_size: int, static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scaled errors, scales and zero points of one block [rows, b] (fp32); u1 = the
+    block's [b, b] slice of GPTQ's upper Cholesky factor, inv_d = 1 / its diagonal.
+
+    Without `static`, the block's groups lie inside it (b a multiple of `group_size`), their
+    grids are computed here, and clip = [rows, b / group_size] or None. With static = (scale,
+    zero, group of each column) the grids are given ([rows, groups], act-order) and clip is
+    [rows, groups] or None; the returned scales and zero points are then those given."""
     r, b = w1.shape
     w1 = w1.contiguous()
     u1 = u1.contiguous()
     q1, e1 = torch.empty_like(w1), torch.empty_like(w1)
-    ng = b // group_size
-    s1 = torch.empty(r, ng, dtype=torch.float32, device=w1.device)
-    z1 = torch.empty_like(s1)
+    if static is None:
+        s1 = torch.empty(r, b // group_size, dtype=torch.float32, device=w1.device)
+        z1 = torch.empty_like(s1)
+        gidx = s1
+    else:
+        s1, z1 = static[0].float().contiguous(), static[1].float().contiguous()
+        gidx = static[2].to(torch.int32).contiguous()
     block_c = triton.next_power_of_2(b)
     block_r = max(1, 1024 // block_c)  # 107 registers at 8 x 128 (sm_90), no spills
     clip_t = clip.contiguous().float() if clip is not None else s1
     _gptq_block_kernel[(triton.cdiv(r, block_r),)](
-        w1, u1, inv_d.contiguous(), clip_t, q1, e1, s1, z1, r, b, w1.stride(0), u1.stride(0),
+        w1, u1, inv_d.contiguous(), clip_t, q1, e1, s1, z1, gidx, r, b, w1.stride(0), u1.stride(0),
         clip_t.stride(0), s1.stride(0), G=group_size, MAXQ=2**bits - 1, HAS_CLIP=clip is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        BLOCK_R=block_r, BLOCK_C=block_c, STATIC=static is not None, num_warps=4)
     return q1, e1, s1, z1
