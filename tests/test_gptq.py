@@ -23,28 +23,42 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 COMMON = dict(bits=3, group_size=32, calib="builtin", calib_samples=4, calib_seqlen=64, progress=False)
 
 
-def reference_gptq(w, h, bits, g, damp, clip=None):
-    """Textbook GPTQ/OBQ in fp64: one column at a time, explicit inverse Hessian, and after
-    each column the Schur complement that removes it from H^-1 (no Cholesky, no blocks)."""
+def _ref_start(w, h):
+    """fp64 copies; dead inputs (no token) get diagonal 1 and a zero weight column, as in GPTQ."""
     W, H = w.double().clone(), h.double().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    Hinv = torch.linalg.inv(H)
+    return W, H
+
+
+def _damped(H, damp):
+    return H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+def _ref_column(W, Hinv, j, s, z, c, bits):
+    """Round column j on the grid (s, z), clipped to [-c, c]; push its error onto the columns
+    after it and remove it from H^-1 (Schur complement). Returns the code and the new H^-1."""
+    x = W[:, j]
+    xc = x if c is None else torch.maximum(torch.minimum(x, c.double()), -c.double())
+    q = (torch.round(xc / s) + z).clamp(0, 2**bits - 1)
+    err = (x - (q - z) * s) / Hinv[j, j]
+    W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+    return q.long(), Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
+
+
+def reference_gptq(w, h, bits, g, damp, clip=None):
+    """Textbook GPTQ/OBQ in fp64: one column at a time, explicit inverse Hessian, and after
+    each column the Schur complement that removes it from H^-1 (no Cholesky, no blocks)."""
+    W, H = _ref_start(w, h)
+    Hinv = torch.linalg.inv(_damped(H, damp))
     codes = torch.zeros(W.shape, dtype=torch.long)
     for j in range(W.shape[1]):
         gi = j // g
         if j % g == 0:  # grid from the group's current (already updated) weights
             gq = quantize(W[:, j : j + g], bits, g, clip_max=None if clip is None else clip[:, gi : gi + 1])
             s, z = gq.scale[:, 0].double(), gq.zero[:, 0].double()
-        x = W[:, j]
-        xc = x if clip is None else torch.maximum(torch.minimum(x, clip[:, gi].double()), -clip[:, gi].double())
-        q = (torch.round(xc / s) + z).clamp(0, 2**bits - 1)
-        codes[:, j] = q.long()
-        err = (x - (q - z) * s) / Hinv[j, j]
-        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
-        Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
+        codes[:, j], Hinv = _ref_column(W, Hinv, j, s, z, None if clip is None else clip[:, gi], bits)
     return codes
 
 
@@ -70,26 +84,16 @@ def reference_gptq_act_order(w, h, bits, g, damp, clip=None):
     """Textbook GPTQ in fp64 with act-order and static groups: every group's grid from the
     weights before GPTQ, then columns by decreasing H diagonal, explicit inverse and Schur
     complement after each column (no Cholesky, no blocks)."""
-    W, H = w.double().clone(), h.double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = _ref_start(w, h)
     static = quantize(W, bits, g, clip_max=clip)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    Wp, Hinv = W[:, perm].clone(), torch.linalg.inv(H[perm][:, perm])
+    Wp, Hinv = W[:, perm].clone(), torch.linalg.inv(_damped(H, damp)[perm][:, perm])
     codes = torch.zeros(W.shape, dtype=torch.long)
     for j in range(W.shape[1]):
         col = int(perm[j])
         gi = col // g
         s, z = static.scale[:, gi].double(), static.zero[:, gi].double()
-        x = Wp[:, j]
-        xc = x if clip is None else torch.maximum(torch.minimum(x, clip[:, gi].double()), -clip[:, gi].double())
-        q = (torch.round(xc / s) + z).clamp(0, 2**bits - 1)
-        codes[:, col] = q.long()
-        err = (x - (q - z) * s) / Hinv[j, j]
-        Wp[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
-        Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
+        codes[:, col], Hinv = _ref_column(Wp, Hinv, j, s, z, None if clip is None else clip[:, gi], bits)
     return codes, static
 
 
