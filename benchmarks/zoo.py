@@ -798,24 +798,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def search_diagnostics(out: Path) -> dict | None:
-    """What the scale search did, over all layers and scale groups of one quantization
-    (from its quantlrm.json): how often it kept alpha = 0 (no scaling), the mean alpha, the
-    mean relative change of the group output loss, and for QuantLRM the mean Spearman
-    correlation between its channel importance and AWQ's activation statistic."""
+    """`quantlrm.pipeline.search_summary` of the quantization written to `out` (None if absent)."""
+    from quantlrm.pipeline import search_summary
+
     try:
         rep = json.loads((out / "quantlrm.json").read_text())
     except (OSError, ValueError):
         return None
-    groups = [g for layer in rep.get("layers", []) for g in (layer.get("groups") or {}).values()]
-    if not groups:
-        return None
-    alphas = [g["alpha"] for g in groups]
-    change = [g["loss_after"] / g["loss_before"] - 1 for g in groups if g.get("loss_before")]
-    corr = [g["rank_corr_act"] for g in groups if "rank_corr_act" in g]
-    return {"groups": len(groups), "alpha_zero": sum(a == 0 for a in alphas) / len(alphas),
-            "alpha_mean": sum(alphas) / len(alphas),
-            "loss_change": sum(change) / len(change) if change else None,
-            "rank_corr_act": sum(corr) / len(corr) if corr else None}
+    return search_summary(rep)
 
 
 def report(out: Path, names: list[str]) -> None:

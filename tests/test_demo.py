@@ -187,4 +187,8 @@ def test_demo_fast_end_to_end(tmp_path):
     assert full["avg"] >= 0.5
     assert 0 < res["zero"]["zero_fraction"] < 1
     assert "QuantLRM" in (out / "table.md").read_text()
+    assert "Spearman correlation of QuantLRM's channel importance" in (out / "table.md").read_text()
+    search = {row["key"]: row.get("search") for row in res["rows"]}
+    assert search["rtn-w3"] is None and search["awq-w3"]["rank_corr_act"] is None
+    assert search["quantlrm-w3"]["groups"] > 0 and -1 <= search["quantlrm-w3"]["rank_corr_act"] <= 1
     assert "16-bit" in r.stdout and "zero fraction" in r.stdout

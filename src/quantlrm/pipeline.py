@@ -580,6 +580,23 @@ def search_layer(
     return plan
 
 
+def search_summary(report: dict) -> dict | None:
+    """What the scale search did over all layers and scale groups of one quantization (its
+    quantlrm.json): the share of groups left unscaled (alpha = 0), the mean alpha, the mean
+    relative change of the group output loss, and for QuantLRM the mean Spearman correlation
+    of its channel importance with AWQ's mean |x|. None for a run without a search (RTN)."""
+    groups = [g for layer in report.get("layers", []) for g in (layer.get("groups") or {}).values()]
+    if not groups:
+        return None
+    alphas = [g["alpha"] for g in groups]
+    change = [g["loss_after"] / g["loss_before"] - 1 for g in groups if g.get("loss_before")]
+    corr = [g["rank_corr_act"] for g in groups if "rank_corr_act" in g]
+    return {"groups": len(groups), "alpha_zero": sum(a == 0 for a in alphas) / len(alphas),
+            "alpha_mean": sum(alphas) / len(alphas),
+            "loss_change": sum(change) / len(change) if change else None,
+            "rank_corr_act": sum(corr) / len(corr) if corr else None}
+
+
 def apply_scales(
     sd: dict[str, torch.Tensor], arch: Arch, config: dict, scales: dict[str, torch.Tensor]
 ) -> None:

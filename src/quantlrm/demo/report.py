@@ -46,7 +46,26 @@ def markdown(summary: dict) -> str:
         f"{100 * z['zero_fraction']:.2f}% of linear weights exactly unchanged "
         f"({z['n_zero']:,} of {z['n_updates']:,}).",
     ]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + search_lines(summary)) + "\n"
+
+
+def search_lines(summary: dict) -> list[str]:
+    """What each scale search did (`quantlrm.pipeline.search_summary`): how far the scaling
+    moved from plain rounding, and how QuantLRM's channel order relates to AWQ's."""
+    rows = [r for r in summary["rows"] if r.get("search")]
+    if not rows:
+        return []
+    out = ["", "Scale search (all layers and scale groups; alpha = 0 means no scaling; the last column is "
+           "the Spearman correlation of QuantLRM's channel importance with AWQ's mean |x|):", "",
+           "| Bits | Method | groups with alpha = 0 | mean alpha | group output loss | importance vs mean abs(x) |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        name, bits = _label(r)
+        d = r["search"]
+        loss = "" if d.get("loss_change") is None else f"{100 * d['loss_change']:+.1f}%"
+        corr = "" if d.get("rank_corr_act") is None else f"{d['rank_corr_act']:.2f}"
+        out.append(f"| {bits} | {name} | {100 * d['alpha_zero']:.0f}% | {d['alpha_mean']:.2f} | {loss} | {corr} |")
+    return out
 
 
 def print_table(summary: dict) -> None:

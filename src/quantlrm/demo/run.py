@@ -112,7 +112,7 @@ def run_demo(opts: DemoOptions) -> dict:
 
     from quantlrm.demo.report import print_table, write_report
     from quantlrm.eval import GenerationConfig, evaluate
-    from quantlrm.pipeline import QuantizeOptions, quantize_model
+    from quantlrm.pipeline import QuantizeOptions, quantize_model, search_summary
     from quantlrm.signals import compute_signals, save_signals
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per variant is noise here
@@ -163,7 +163,8 @@ def run_demo(opts: DemoOptions) -> dict:
                 overwrite=True, progress=opts.progress,
             ))
             times[f"quantize {key}"] = time.perf_counter() - t
-            variants.append({"key": key, "method": m, "bits": bits, "dir": qdir})
+            search = search_summary(json.loads((qdir / "quantlrm.json").read_text()))
+            variants.append({"key": key, "method": m, "bits": bits, "dir": qdir, "search": search})
 
     tasks = demo_tasks(opts, n_test)
     max_new = max(len(p.cot) for fam in opts.recipe.families
@@ -180,6 +181,7 @@ def run_demo(opts: DemoOptions) -> dict:
             "acc": {k: r["accuracy"] for k, r in s["tasks"].items()},
             "no_answer": {k: r.get("no_answer") for k, r in s["tasks"].items()},
             "avg": s["avg"],
+            **({"search": v["search"]} if v.get("search") else {}),
         })
     summary = {
         "tasks": [{"name": t.name, "display": t.display, "grader": t.grader, "n": len(t),
