@@ -249,7 +249,8 @@ def test_triton_kernels_in_interpreter():
                                           (3, 128, torch.float16)])
 def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
     """Every candidate configuration and the tuned choice; shapes off the tile grid; batch 1..64;
-    at batch 1 also the gated-MLP epilogue of every candidate."""
+    at batch 1 and group 128 (W3 and W4, fp16 and bf16) also the gated-MLP epilogue of every
+    candidate (fewer compiles than at every group size; the epilogue does not see the group)."""
     torch.manual_seed(bits * g)
     tol = 3e-3 if dtype == torch.float16 else 2e-2
     for n, k in ((1000, 1536), (333, 384)):
@@ -263,7 +264,7 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
                 assert _relerr(y, ref) < tol, (n, k, m, c, _relerr(y, ref))
-                if m == 1 and n % 2 == 0:  # the gated-MLP epilogue (rows as (gate, up) pairs)
+                if m == 1 and n % 2 == 0 and g == 128:  # the gated-MLP epilogue (rows as (gate, up) pairs)
                     assert _relerr(run_config(x, kw, c, act=True), gated_ref) < tol, (n, k, c)
             assert _relerr(qmatmul(x, kw), ref) < tol
 
