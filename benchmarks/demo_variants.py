@@ -24,6 +24,7 @@ VARIANTS = {  # name -> QuantizeOptions fields
     "QuantLRM": dict(method="quantlrm"),
     "QuantLRM (act factor)": dict(method="quantlrm", act_factor=True),
     "AWQ + GPTQ": dict(method="awq", rounding="gptq"),
+    "AWQ + GPTQ (act-order)": dict(method="awq", rounding="gptq", gptq_act_order=True),
     "QuantLRM + GPTQ": dict(method="quantlrm", rounding="gptq"),
     "QuantLRM + GPTQ (act-order)": dict(method="quantlrm", rounding="gptq", gptq_act_order=True),
     "GPTQ": dict(method="rtn", rounding="gptq"),
