@@ -214,8 +214,49 @@ class GraphDecoder:
         return toks
 
 
+def kernel_profile(dec: GraphDecoder, ids: torch.Tensor, steps: int = 5) -> dict:
+    """The GPU kernels of one decode step (torch.profiler over `steps` graph replays, or eager
+    steps without a graph): how many launches a token costs and where its time goes, per kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec.prefill(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.graph.replay() if dec.graph is not None else dec._step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def kind(name: str) -> str:
+        if name.startswith(("_gemv", "_gemm", "_dequant")):
+            return "quantlrm linears"
+        if name.startswith("triton_"):
+            return "inductor (norms, RoPE, residuals, cache)"
+        if "gemv" in name or "gemm" in name or "cutlass" in name or "sm90_xmma" in name:
+            return "cuBLAS (fp16 linears, lm_head)"
+        if "flash" in name or "fmha" in name or "attention" in name.lower():
+            return "attention"
+        return "other"
+
+    per_kind: dict[str, list[float]] = {}
+    per_name: dict[str, list[float]] = {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()  # a device event's own duration
+        per_kind.setdefault(kind(e.name), [0, 0.0])
+        per_kind[kind(e.name)][0] += 1
+        per_kind[kind(e.name)][1] += us
+        per_name.setdefault(e.name, [0, 0.0])
+        per_name[e.name][0] += 1
+        per_name[e.name][1] += us
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"steps": steps, "launches_per_token": len(kernels) / steps,
+            "kernel_us_per_token": sum(v[1] for v in per_kind.values()) / steps,
+            "by_kind": {k: {"launches": n / steps, "us": t / steps} for k, (n, t) in per_kind.items()},
+            "top": [{"name": k[:120], "launches": n / steps, "us": t / steps} for k, (n, t) in top]}
+
+
 def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_graph: bool,
-                 compile_step: bool = False) -> dict:
+                 compile_step: bool = False, profile_step: bool = False) -> dict:
     max_len = max(p.shape[1] for p in prompts_ids) + new_tokens + 8
     dec = GraphDecoder(model, max_len, compile_step=compile_step)
     graph_ok = False
@@ -238,8 +279,14 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
         lat.append(time.perf_counter() - t0)
         first = toks if first is None else first
     med = statistics.median(lat)
-    return dict(graph=graph_ok, compiled=compile_step and graph_ok, latencies_s=lat, median_latency_s=med, tok_per_s=new_tokens / med,
-                first_tokens=first[:16].tolist())
+    res = dict(graph=graph_ok, compiled=compile_step and graph_ok, latencies_s=lat, median_latency_s=med,
+               tok_per_s=new_tokens / med, first_tokens=first[:16].tolist())
+    if profile_step:
+        try:
+            res["profile"] = kernel_profile(dec, prompts_ids[0])
+        except Exception as e:  # noqa: BLE001 -- the timings above stand without it
+            res["profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return res
 
 
 @torch.no_grad()
@@ -266,6 +313,9 @@ def main() -> None:
                     help="keep q/k/v and gate/up as separate launches (load_quantized fuses them)")
     ap.add_argument("--no-gated", action="store_true",
                     help="fuse gate/up without the SiLU epilogue (the activation as its own launch)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing each precision, profile its decode step's kernels (launches per token, "
+                         "time per kind: quantlrm linears, inductor, cuBLAS, attention)")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
@@ -361,7 +411,7 @@ def main() -> None:
         if prec != "fp16" and not args.no_fuse:
             fuse_projections(model, gated=not args.no_gated)
         t0 = time.time()
-        r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, comp)
+        r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, comp, args.profile)
         r["setup_s"] = time.time() - t0 - sum(r["latencies_s"])
         if not args.no_hf_generate:
             r["hf_generate_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens)
@@ -371,6 +421,12 @@ def main() -> None:
               f"{r['tok_per_s']:.1f} tok/s (graph={r['graph']}, compiled={r['compiled']}, setup "
               f"{r['setup_s']:.0f}s); HF generate {r.get('hf_generate_tok_per_s', float('nan')):.1f} tok/s",
               flush=True)
+        prof = r.get("profile") or {}
+        if "by_kind" in prof:
+            print(f"  kernels per token: {prof['launches_per_token']:.0f} launches, "
+                  f"{prof['kernel_us_per_token'] / 1e3:.2f} ms of kernel time; " +
+                  "; ".join(f"{k} {v['launches']:.0f} x = {v['us'] / 1e3:.2f} ms" for k, v in prof["by_kind"].items()),
+                  flush=True)
     for label, r in res["decode"].items():
         if label.startswith("fp16"):
             continue
