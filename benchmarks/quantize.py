@@ -6,8 +6,9 @@ GPU, written as safetensors shards), then quantizes it layer-streamed with each 
 methods and, in a child process with llm-compressor's wheels on PYTHONPATH, with
 llm-compressor's AWQ or GPTQ (`oneshot`, model fully on the GPU; methods `llmc` and
 `llmc-gptq`), on the same 128 x 512 calibration tokens. `quantlrm-gptq` and `gptq` are ours
-with `--rounding gptq` (QuantLRM's or RTN's scales, then GPTQ rounding). Quality proxy: MSE of the final hidden state against the fp model on
-8 calibration blocks. Usage (GPU machine, wheels unpacked into .site as
+with `--rounding gptq` (QuantLRM's or RTN's scales, then GPTQ rounding); `quantlrm-gptq-ao`
+and `gptq-ao` add `--gptq-act-order`. Quality proxy: MSE of the final hidden state against the
+fp model on 8 calibration blocks. Usage (GPU machine, wheels unpacked into .site as
 shared/recipes/README.md says):
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/quantize.py --layers 8 --json $OUT/quantize.json
@@ -106,10 +107,13 @@ def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, i
     from quantlrm.pipeline import QuantizeOptions, quantize_model
 
     label = method
-    rounding = "rtn"
+    rounding, act_order = "rtn", method.endswith("-ao")
+    method = method.removesuffix("-ao")
     if method in ("quantlrm-gptq", "gptq"):  # our scales (QuantLRM's, or none), then GPTQ rounding
         method, rounding = ("quantlrm" if method == "quantlrm-gptq" else "rtn"), "gptq"
     extra = {"importance": random_importance(model_dir)} if method == "quantlrm" else {}
+    if act_order:
+        extra["gptq_act_order"] = True
     if method == "awq-duo":  # llm-compressor's default AWQ variant
         method, extra = "awq", {"duo_scaling": True}
     opts = QuantizeOptions(model=str(model_dir), out=str(out), method=method, bits=args.bits,
