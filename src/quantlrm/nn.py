@@ -28,8 +28,11 @@ class QuantLinear(nn.Module):
     reference (dequantize, then matmul), which is correct but slow.
     """
 
-    def __init__(self, kw: KernelWeight, bias: torch.Tensor | None = None):
+    def __init__(self, kw: KernelWeight, bias: torch.Tensor | None = None, act: bool = False):
         super().__init__()
+        if act and bias is not None:
+            raise QuantLRMError("a gated QuantLinear (act=True) takes no bias.", "fuse only bias-free gate/up.")
+        self.act = act  # rows interleave (gate, up): the output is silu(gate) * up, half as wide
         self.in_features = kw.in_features
         self.out_features = kw.out_features
         self.bits = kw.bits
@@ -64,14 +67,15 @@ class QuantLinear(nn.Module):
         x = x.to(self.scale.dtype)
         if torch.compiler.is_compiling():  # one opaque op for torch.compile (no graph break)
             y = qmatmul_op(x, self.packed, self.scale, self.zero, self.bits, self.group_size,
-                           self.in_features, self.out_features)
+                           self.in_features, self.out_features, self.act)
         else:
-            y = qmatmul(x, self.weight_layout)
+            y = qmatmul(x, self.weight_layout, act=self.act)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}"
+                + (", act=silu(gate)*up" if self.act else ""))
 
 
 class FusedSlice(nn.Module):
@@ -109,17 +113,13 @@ class GatedMLP(nn.Module):
 
     def __init__(self, gate_up: QuantLinear, down: nn.Module):
         super().__init__()
+        if not gate_up.act:
+            raise QuantLRMError("GatedMLP needs a QuantLinear built with act=True.", "see _fuse_gated_mlp.")
         self.gate_up = gate_up
         self.down_proj = down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.gate_up
-        x = x.to(f.scale.dtype)
-        if torch.compiler.is_compiling():
-            h = qmatmul_op(x, f.packed, f.scale, f.zero, f.bits, f.group_size, f.in_features, f.out_features, True)
-        else:
-            h = qmatmul(x, f.weight_layout, act=True)
-        return self.down_proj(h)
+        return self.down_proj(self.gate_up(x))
 
 
 def _fusable(mods: list[nn.Module]) -> bool:
@@ -149,7 +149,7 @@ def _fuse_gated_mlp(model: nn.Module, arch, layer: int) -> bool:
 
     kw = KernelWeight(weave(gate.packed, up.packed), weave(gate.scale, up.scale), weave(gate.zero, up.zero),
                       gate.bits, gate.group_size, gate.in_features, 2 * gate.out_features)
-    _set_module(model, mlp_n, GatedMLP(QuantLinear(kw), model.get_submodule(arch.linear_path(layer, down_s))))
+    _set_module(model, mlp_n, GatedMLP(QuantLinear(kw, act=True), model.get_submodule(arch.linear_path(layer, down_s))))
     return True
 
 

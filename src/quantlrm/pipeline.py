@@ -649,7 +649,7 @@ def quantize_layer(
     results = {}
     clip_ratio = {}
     gptq_rec = {}
-    shared: dict[tuple, list[str]] = {}  # GPTQ: linears with one input and one scale, in order
+    shared: dict[tuple, tuple] = {}  # GPTQ: (scale, linears) per shared input and scale, in order
     if opts.rounding == "gptq" and (cap is None or not cap.hessians):
         raise RuntimeError("GPTQ rounding needs the layer's Hessians (capture_layer(..., hessians=True))")
     for short, path in arch.linears.items():
@@ -662,14 +662,12 @@ def quantize_layer(
                     x = x / s.to(x.device)
                 plan.clips[short] = S.search_clip(w, x, opts.bits, opts.group_size)
         if opts.rounding == "gptq":
-            shared.setdefault((id(cap.hessians[short]), id(s)), []).append(short)
+            shared.setdefault((id(cap.hessians[short]), id(s)), (s, []))[1].append(short)
         else:
             results[short] = quantize(w, opts.bits, opts.group_size, clip_max=plan.clips.get(short))
-    for shorts in shared.values():  # one GPTQ pass per shared input (its rows are independent)
-        first = shorts[0]
-        s = scale_of_linear(arch, plan.scales, first)
+    for s, shorts in shared.values():  # one GPTQ pass per shared input (its rows are independent)
         ws = [sd[arch.linears[x] + ".weight"] for x in shorts]
-        h = G.scale_hessian(cap.hessians[first].hessian(), s.to(ws[0].device) if s is not None else None)
+        h = G.scale_hessian(cap.hessians[shorts[0]].hessian(), s.to(ws[0].device) if s is not None else None)
         done = G.gptq_quantize_shared(ws, h.to(ws[0].device), opts.bits, opts.group_size,
                                       [plan.clips.get(x) for x in shorts], opts.gptq_damp, opts.gptq_block,
                                       opts.gptq_act_order)
