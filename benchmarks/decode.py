@@ -232,7 +232,9 @@ def kernel_profile(dec: GraphDecoder, ids: torch.Tensor, steps: int = 5) -> dict
             return "quantlrm linears"
         if name.startswith("triton_"):
             return "inductor (norms, RoPE, residuals, cache)"
-        if "gemv" in name or "gemm" in name or "cutlass" in name or "sm90_xmma" in name:
+        if name.startswith("_decode_attn"):
+            return "attention"
+        if any(t in name for t in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitKreduce")):
             return "cuBLAS (fp16 linears, lm_head)"
         if "flash" in name or "fmha" in name or "attention" in name.lower():
             return "attention"
@@ -316,6 +318,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after timing each precision, profile its decode step's kernels (launches per token, "
                          "time per kind: quantlrm linears, inductor, cuBLAS, attention)")
+    ap.add_argument("--attention", choices=("quantlrm", "sdpa"), default="quantlrm",
+                    help="attention of the quantized models: our one-launch decode kernel (what load_quantized "
+                         "uses) or transformers' SDPA; the fp16 baselines always use SDPA")
+    ap.add_argument("--fp16-qattn", action="store_true",
+                    help="also time fp16 (compiled) with our attention, to separate its share of the speed-up")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
@@ -327,6 +334,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from quantlrm.attention import register
     from quantlrm.models import byte_tokenizer
     from quantlrm.nn import QuantLinear, fuse_projections
 
@@ -403,10 +411,14 @@ def main() -> None:
         torch._dynamo.config.recompile_limit = 64
     # With --compile every precision is compiled alike; the uncompiled fp16 loop (what plain
     # transformers gives) is timed too, so both ratios come from the same run.
-    runs = [("fp16", False)] + [(p, True) for p in ("fp16", "W4", "W3")] if args.compile else \
-        [(p, False) for p in ("fp16", "W4", "W3")]
-    for prec, comp in runs:
-        label = prec + ("+compile" if comp else "")
+    qattn = register() if args.attention == "quantlrm" else "sdpa"
+    runs = [("fp16", False, "sdpa")] + [(p, True, "sdpa" if p == "fp16" else qattn) for p in ("fp16", "W4", "W3")] \
+        if args.compile else [(p, False, "sdpa" if p == "fp16" else qattn) for p in ("fp16", "W4", "W3")]
+    if args.fp16_qattn:
+        runs.insert(2 if args.compile else 1, ("fp16", args.compile, register()))
+    for prec, comp, attn in runs:
+        label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "")
+        model.config._attn_implementation = attn
         set_linears(model, dense if prec == "fp16" else quant[int(prec[1])])
         if prec != "fp16" and not args.no_fuse:
             fuse_projections(model, gated=not args.no_gated)
@@ -430,7 +442,7 @@ def main() -> None:
     for label, r in res["decode"].items():
         if label.startswith("fp16"):
             continue
-        for base in [b for b in res["decode"] if b.startswith("fp16")]:
+        for base in [b for b in res["decode"] if b.startswith("fp16") and "qattn" not in b]:
             ratio = r["tok_per_s"] / res["decode"][base]["tok_per_s"]
             r[f"speedup_vs_{base}"] = ratio
             print(f"{label} speed-up over {base}: {ratio:.2f}x", flush=True)

@@ -226,11 +226,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
-                   attn_implementation: str = "sdpa", fuse: bool = True) -> nn.Module:
+                   attn_implementation: str = "quantlrm", fuse: bool = True) -> nn.Module:
     """Load a quantlrm compressed-tensors export with QuantLinear layers, ready to `generate`.
 
     `dtype` is the activation dtype (default: the checkpoint's torch_dtype, fp16 if unset).
     `fuse`: one launch for q/k/v and one for gate/up with SiLU applied (`fuse_projections`).
+    `attn_implementation`: "quantlrm" (default) decodes single tokens with our one-launch
+    attention kernel and leaves everything else to SDPA (`quantlrm.attention`); any name
+    transformers knows works too.
     Packed models run on a CUDA GPU; on a CPU-only machine this raises QuantLRMError.
     """
     device = torch.device(device)
@@ -268,6 +271,10 @@ def build_quantized(path: str | Path, device: str | torch.device, dtype: torch.d
     if dtype is None:
         name = cfg_dict.get("torch_dtype") or cfg_dict.get("dtype") or "float16"
         dtype = getattr(torch, name) if name in ("float16", "bfloat16") else torch.float16
+    if attn_implementation == "quantlrm":
+        from quantlrm.attention import register
+
+        register()
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -1,0 +1,178 @@
+"""Single-token decode attention over a KV cache, grouped-query aware, in one Triton launch.
+
+Why: at batch 1 the quantized linears are no longer the whole step. transformers' SDPA path
+copies the cache for every query head (`repeat_kv`: keys and values expanded, then cloned) and
+dispatches to a kernel built for long queries. The profile of an 8B-shaped decode step
+(BENCHMARKS.md, Kernels) put that at 5 launches and ~15 us per layer. Here one program serves
+one KV head and all its query heads: it reads each cached key and value once, skips cache
+blocks the mask rules out (the unused tail of a static cache), and keeps an online softmax.
+
+Shapes follow transformers' attention functions: q [B, Hq, 1, D], k/v [B, Hkv, L, D] (any
+strides along B, H, L; D contiguous), mask None (every position attends) or bool broadcastable to
+[B, 1, 1, L] (True attends). Output [B, 1, Hq, D], the layout `sdpa_attention_forward` returns.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
+    triton = None
+
+MAX_GROUP = 16  # query heads per KV head the kernel serves (its tile has 16 rows)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The shapes the kernel handles; everything else goes to SDPA."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    return (q.dim() == 4 and q.shape[2] == 1 and hq % hkv == 0 and hq // hkv <= MAX_GROUP
+            and d == v.shape[-1] and 16 <= d <= 256 and d & (d - 1) == 0
+            and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype == v.dtype
+            and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """Plain fp32 attention with the key/value heads repeated; the tests' yardstick."""
+    rep = q.shape[1] // k.shape[1]
+    kk = k.float().repeat_interleave(rep, dim=1)
+    vv = v.float().repeat_interleave(rep, dim=1)
+    s = (q.float() @ kk.transpose(-1, -2)) * scale  # [B, Hq, 1, L]
+    if mask is not None:
+        s = s.masked_fill(~mask.bool(), float("-inf"))
+    out = torch.softmax(s, dim=-1) @ vv  # [B, Hq, 1, D]
+    return out.transpose(1, 2).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, cnt_ptr, L, blocks_per_split, scale,
+                            sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
+                            REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
+                            SPLIT: tl.constexpr):
+        # program (b, KV head, split): the split's cache blocks with an online softmax; with
+        # SPLIT > 1 each split leaves (max, sum, acc) in the workspace and the last split of a
+        # head to arrive (atomic count) merges them in split order, as the split-K GEMV does.
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        r = tl.arange(0, 16)  # the group's query heads, padded to a tensor-core tile
+        d = tl.arange(0, D)
+        heads = kvh * REP + r
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, D], tl.float32)
+        k_base = k_ptr + b * sk_b + kvh * sk_h
+        v_base = v_ptr + b * sv_b + kvh * sv_h
+        lo = sp * blocks_per_split * BLOCK_L
+        hi = tl.minimum(lo + blocks_per_split * BLOCK_L, L)
+        for start in range(lo, hi, BLOCK_L):
+            pos = start + tl.arange(0, BLOCK_L)
+            ok = pos < hi
+            if HAS_MASK:
+                ok = ok & (tl.load(m_ptr + b * sm_b + pos * sm_l, mask=ok, other=0) != 0)
+            if tl.max(ok.to(tl.int32), axis=0) > 0:  # a static cache's unused tail is never read
+                kt = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=ok[:, None], other=0.0)
+                vt = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(kt)) * (scale * 1.4426950408889634)  # [16, BLOCK_L] fp32, base 2
+                s = tl.where(ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                m_i = m_new
+        o_ptrs = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+        o_mask = (r < REP)[:, None]
+        if SPLIT == 1:
+            tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            head = b * tl.num_programs(1) + kvh
+            n_split = tl.num_programs(2)
+            part = ws_ptr + (head * n_split + sp) * (16 * D + 32)  # [acc 16 x D | max 16 | sum 16]
+            tl.store(part + r[:, None] * D + d[None, :], acc)
+            tl.store(part + 16 * D + r, m_i)
+            tl.store(part + 16 * D + 16 + r, l_i)
+            tl.debug_barrier()  # the whole partial is written before the release below
+            done = tl.atomic_add(cnt_ptr + head, 1, sem="acq_rel")
+            if done == n_split - 1:
+                base = ws_ptr + head * n_split * (16 * D + 32)
+                mx = tl.full([16], float("-inf"), tl.float32)
+                for k in range(n_split):  # .cg: read L2, never a stale L1 line of an earlier call
+                    mx = tl.maximum(mx, tl.load(base + k * (16 * D + 32) + 16 * D + r, cache_modifier=".cg"))
+                num = tl.zeros([16, D], tl.float32)
+                den = tl.zeros([16], tl.float32)
+                for k in range(n_split):
+                    pk = base + k * (16 * D + 32)
+                    w = tl.exp2(tl.load(pk + 16 * D + r, cache_modifier=".cg") - mx)  # an empty split weighs 0
+                    den += w * tl.load(pk + 16 * D + 16 + r, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(pk + r[:, None] * D + d[None, :], cache_modifier=".cg")
+                tl.store(o_ptrs, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
+                tl.atomic_xchg(cnt_ptr + head, 0)
+
+
+_WS: dict = {}
+TARGET_PROGRAMS = 128  # about one program per SM of an H100 (132)
+
+
+def _workspace(device: torch.device, heads: int, split: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    key = (str(device), heads, split, d)
+    ws = _WS.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # never allocate inside a graph: run unsplit instead
+        ws = (torch.empty(heads * split * (16 * d + 32), dtype=torch.float32, device=device),
+              torch.zeros(heads, dtype=torch.int32, device=device))
+        _WS[key] = ws
+    return ws
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float, split: int | None = None) -> torch.Tensor:
+    """split: cache chunks per KV head run by separate programs (default: enough programs to
+    fill the GPU, at least one block of positions each)."""
+    bsz, hq, _, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    out = torch.empty(bsz, 1, hq, d, device=q.device, dtype=q.dtype)
+    if mask is not None:
+        m = mask.expand(bsz, 1, 1, length).view(torch.uint8) if mask.dtype == torch.bool else mask
+        sm_b, sm_l = m.stride(0), m.stride(3)
+    else:
+        m, sm_b, sm_l = q, 0, 0  # never read
+    block_l = 64 if d <= 128 else 32
+    n_blocks = triton.cdiv(length, block_l)
+    if split is None:
+        split = max(1, min(n_blocks, TARGET_PROGRAMS // (bsz * hkv)))
+    per = triton.cdiv(n_blocks, split)
+    split = triton.cdiv(n_blocks, per)
+    ws = _workspace(q.device, bsz * hkv, split, d) if split > 1 else None
+    if ws is None:
+        split, per = 1, n_blocks
+        ws = (out, out)  # never read
+    _decode_attn_kernel[(bsz, hkv, split)](
+        q, k, v, m, out, ws[0], ws[1], length, per, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        sm_b, sm_l, out.stride(0), out.stride(2),
+        REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=min(split, 2), num_warps=4)
+    return out
+
+
+@torch.library.custom_op("quantlrm::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """One opaque operator, so torch.compile and CUDA graphs keep the launch whole."""
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return _launch(q, k, v, mask, scale)
+    return reference(q, k, v, mask, scale)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k, v, mask, scale):
+    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
