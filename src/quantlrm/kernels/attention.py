@@ -95,24 +95,25 @@ if triton is not None:
             tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
         else:
             head = b * tl.num_programs(1) + kvh
-            n_split = tl.num_programs(2)
-            part = ws_ptr + (head * n_split + sp) * (16 * D + 32)  # [acc 16 x D | max 16 | sum 16]
+            part = ws_ptr + (head * SPLIT + sp) * (16 * D + 32)  # [acc 16 x D | max 16 | sum 16]
             tl.store(part + r[:, None] * D + d[None, :], acc)
             tl.store(part + 16 * D + r, m_i)
             tl.store(part + 16 * D + 16 + r, l_i)
             tl.debug_barrier()  # the whole partial is written before the release below
             done = tl.atomic_add(cnt_ptr + head, 1, sem="acq_rel")
-            if done == n_split - 1:
-                base = ws_ptr + head * n_split * (16 * D + 32)
-                mx = tl.full([16], float("-inf"), tl.float32)
-                for k in range(n_split):  # .cg: read L2, never a stale L1 line of an earlier call
-                    mx = tl.maximum(mx, tl.load(base + k * (16 * D + 32) + 16 * D + r, cache_modifier=".cg"))
+            if done == SPLIT - 1:
+                # every split's max and sum in one load, then the accumulators with the loop
+                # unrolled, so the L2 reads are in flight together (not one round trip each)
+                base = ws_ptr + head * SPLIT * (16 * D + 32)
+                ss = tl.arange(0, SPLIT)[:, None] * (16 * D + 32)
+                mk = tl.load(base + ss + 16 * D + r[None, :], cache_modifier=".cg")  # [SPLIT, 16]
+                lk = tl.load(base + ss + 16 * D + 16 + r[None, :], cache_modifier=".cg")
+                mx = tl.max(mk, axis=0)
+                den = tl.sum(tl.exp2(mk - mx[None, :]) * lk, axis=0)  # an empty split weighs 0
                 num = tl.zeros([16, D], tl.float32)
-                den = tl.zeros([16], tl.float32)
-                for k in range(n_split):
+                for k in tl.static_range(SPLIT):  # .cg: read L2, never a stale L1 line of an earlier call
                     pk = base + k * (16 * D + 32)
-                    w = tl.exp2(tl.load(pk + 16 * D + r, cache_modifier=".cg") - mx)  # an empty split weighs 0
-                    den += w * tl.load(pk + 16 * D + 16 + r, cache_modifier=".cg")
+                    w = tl.exp2(tl.load(pk + 16 * D + r, cache_modifier=".cg") - mx)
                     num += w[:, None] * tl.load(pk + r[:, None] * D + d[None, :], cache_modifier=".cg")
                 tl.store(o_ptrs, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
                 tl.atomic_xchg(cnt_ptr + head, 0)
@@ -136,7 +137,7 @@ def _workspace(device: torch.device, heads: int, split: int, d: int) -> tuple[to
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             scale: float, split: int | None = None) -> torch.Tensor:
-    """split: cache chunks per KV head run by separate programs (default: enough programs to
+    """split: cache chunks per KV head run by separate programs, a power of two (default: enough programs to
     fill the GPU, at least one block of positions each)."""
     bsz, hq, _, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
@@ -148,10 +149,9 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         m, sm_b, sm_l = q, 0, 0  # never read
     block_l = 64 if d <= 128 else 32
     n_blocks = triton.cdiv(length, block_l)
-    if split is None:
-        split = max(1, min(n_blocks, TARGET_PROGRAMS // (bsz * hkv)))
-    per = triton.cdiv(n_blocks, split)
-    split = triton.cdiv(n_blocks, per)
+    if split is None:  # a power of two (few compiles), at most one program per block
+        split = 1 << (max(1, min(n_blocks, TARGET_PROGRAMS // (bsz * hkv))).bit_length() - 1)
+    per = triton.cdiv(n_blocks, split)  # programs past the cache's end find nothing and weigh 0
     ws = _workspace(q.device, bsz * hkv, split, d) if split > 1 else None
     if ws is None:
         split, per = 1, n_blocks
@@ -160,7 +160,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         q, k, v, m, out, ws[0], ws[1], length, per, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         sm_b, sm_l, out.stride(0), out.stride(2),
-        REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=min(split, 2), num_warps=4)
+        REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=split, num_warps=4)
     return out
 
 
