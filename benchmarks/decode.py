@@ -321,6 +321,9 @@ def main() -> None:
     ap.add_argument("--attention", choices=("quantlrm", "sdpa"), default="quantlrm",
                     help="attention of the quantized models: our one-launch decode kernel (what load_quantized "
                          "uses) or transformers' SDPA; the fp16 baselines always use SDPA")
+    ap.add_argument("--no-fused-attention", action="store_true",
+                    help="with --attention quantlrm: RoPE and the cache write stay transformers' own launches "
+                         "(fuse_decode_attention off)")
     ap.add_argument("--fp16-qattn", action="store_true",
                     help="also time fp16 (compiled) with our attention, to separate its share of the speed-up")
     ap.add_argument("--out", default="decode.json")
@@ -334,7 +337,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from quantlrm.attention import register
+    from quantlrm.attention import fuse_decode_attention, register
     from quantlrm.models import byte_tokenizer
     from quantlrm.nn import QuantLinear, fuse_projections
 
@@ -419,6 +422,8 @@ def main() -> None:
     for prec, comp, attn in runs:
         label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "")
         model.config._attn_implementation = attn
+        if attn != "sdpa" and not args.no_fused_attention:
+            fuse_decode_attention(model)  # only takes effect while the attention is ours
         set_linears(model, dense if prec == "fp16" else quant[int(prec[1])])
         if prec != "fp16" and not args.no_fuse:
             fuse_projections(model, gated=not args.no_gated)

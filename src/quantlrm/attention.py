@@ -5,6 +5,12 @@ Registered with transformers' `AttentionInterface` (and SDPA's boolean masks wit
 A single query token on CUDA goes to `quantlrm.kernels.attention` (no per-head copies of the
 cache, the unused part of a static cache skipped); prefill, CPU tensors, soft-capping, sinks
 and other shapes go to transformers' own SDPA function unchanged.
+
+`fuse_decode_attention(model)` goes one step further for decoding with a static cache: the
+attention modules take the raw q/k/v projections of a single token and hand them to one
+kernel that applies the per-head norms (Qwen3) and RoPE, writes the cache and attends, where
+transformers spends three or four more launches per layer. Any other call runs the module's
+own forward.
 """
 
 from __future__ import annotations
@@ -36,6 +42,83 @@ def quantlrm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return K.decode_attention_op(query, key, value, attention_mask, float(scale)), None
+
+
+def _fast_path(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb, mask, cache) -> dict | None:
+    """What the fused decode kernel needs, or None where the module's own forward must run."""
+    if hidden.dim() != 3 or hidden.shape[1] != 1 or attn.training or pos_emb is None:
+        return None
+    if not (hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or K.triton is None:
+        return None
+    if getattr(attn.config, "_attn_implementation", None) != NAME or getattr(attn, "sliding_window", None):
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) <= attn.layer_idx:
+        return None
+    layer = layers[attn.layer_idx]
+    # transformers' StaticLayer exactly (5.x): keys/values [B, Hkv, L, D] written at
+    # cumulative_length, which update() then advances; sliding or offloaded layers differ.
+    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+        return None
+    keys = layer.keys
+    d = attn.head_dim
+    cos, sin = pos_emb
+    if cos.shape[-1] != d or cos.dim() != 3 or cos.shape[1] != 1 or keys.dtype != hidden.dtype:
+        return None
+    if mask is not None and mask.dtype != torch.bool:
+        return None
+    norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+    if any(n is not None and getattr(n, "weight", torch.empty(0)).numel() != d for n in norms):
+        return None  # e.g. OLMo-2's norm over the whole projection, not per head
+    hq, hkv = attn.q_proj.out_features // d, keys.shape[1]
+    if keys.shape[-1] != d or hidden.shape[0] != keys.shape[0] or attn.k_proj.out_features != hkv * d:
+        return None
+    if hq % hkv or hq // hkv > K.MAX_GROUP:
+        return None
+    return dict(layer=layer, cos=cos, sin=sin, norms=norms)
+
+
+def _decode_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args,
+                    **kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    plan = None if args else _fast_path(self, hidden_states, position_embeddings, attention_mask, cache)
+    if plan is None:
+        return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    bsz, d = hidden_states.shape[0], self.head_dim
+    q = self.q_proj(hidden_states).view(bsz, -1, d)  # with fused q/k/v: one launch, three views
+    k = self.k_proj(hidden_states).view(bsz, -1, d)
+    v = self.v_proj(hidden_states).view(bsz, -1, d)
+    layer, (qn, kn) = plan["layer"], plan["norms"]
+    eps = float(getattr(qn, "variance_epsilon", getattr(qn, "eps", 1e-6))) if qn is not None else 0.0
+    out = K.fused_decode_attention_op(
+        q, k, v, plan["cos"], plan["sin"], None if qn is None else qn.weight, None if kn is None else kn.weight, eps,
+        layer.keys, layer.values, layer.cumulative_length, attention_mask, float(self.scaling))
+    layer.cumulative_length.add_(1)  # what StaticLayer.update does after its write
+    return self.o_proj(out.reshape(bsz, 1, -1)), None
+
+
+_DECODE_CLASSES: dict[type, type] = {}
+
+
+def fuse_decode_attention(model: torch.nn.Module) -> int:
+    """Give every q/k/v/o attention module the fused single-token path (see the module's
+    docstring); returns how many. Parameters and their names are unchanged: only the class of
+    each module is swapped for a subclass whose forward tries the fast path first."""
+    n = 0
+    for mod in model.modules():
+        cls = type(mod)
+        if cls in _DECODE_CLASSES.values():
+            n += 1
+            continue
+        if not all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim",
+                                             "scaling", "config")):
+            continue
+        sub = _DECODE_CLASSES.get(cls)
+        if sub is None:
+            sub = _DECODE_CLASSES[cls] = type(f"QuantLRMDecode{cls.__name__}", (cls,), {"forward": _decode_forward})
+        mod.__class__ = sub
+        n += 1
+    return n
 
 
 def register() -> str:

@@ -232,8 +232,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype:
     `dtype` is the activation dtype (default: the checkpoint's torch_dtype, fp16 if unset).
     `fuse`: one launch for q/k/v and one for gate/up with SiLU applied (`fuse_projections`).
     `attn_implementation`: "quantlrm" (default) decodes single tokens with our one-launch
-    attention kernel and leaves everything else to SDPA (`quantlrm.attention`); any name
-    transformers knows works too.
+    attention kernel (with a static cache also RoPE and the cache write) and leaves everything
+    else to SDPA (`quantlrm.attention`); any name transformers knows works too.
     Packed models run on a CUDA GPU; on a CPU-only machine this raises QuantLRMError.
     """
     device = torch.device(device)
@@ -246,6 +246,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype:
     model = build_quantized(path, device, dtype, attn_implementation)
     if fuse:
         fuse_projections(model)
+    if attn_implementation == "quantlrm":
+        from quantlrm.attention import fuse_decode_attention
+
+        fuse_decode_attention(model)
     return model
 
 

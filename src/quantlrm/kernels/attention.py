@@ -52,35 +52,74 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 if triton is not None:
 
     @triton.jit
+    def _rope_rows(x_ptr, rows, ok_rows, d, D: tl.constexpr, cos, sin, nw_ptr, eps, QK_NORM: tl.constexpr):
+        """Rows of new q or k (fp32): RMS-normed per head when QK_NORM (Qwen3), then rotated
+        as transformers' `rotate_half` does: x * cos + [-x2, x1] * sin."""
+        half: tl.constexpr = D // 2
+        partner = (d + half) % D
+        xa = tl.load(x_ptr + rows[:, None] + d[None, :], mask=ok_rows[:, None], other=0.0).to(tl.float32)
+        xb = tl.load(x_ptr + rows[:, None] + partner[None, :], mask=ok_rows[:, None], other=0.0).to(tl.float32)
+        if QK_NORM:
+            inv = 1.0 / tl.sqrt(tl.sum(xa * xa, axis=1) / D + eps)
+            xa = xa * inv[:, None] * tl.load(nw_ptr + d).to(tl.float32)[None, :]
+            xb = xb * inv[:, None] * tl.load(nw_ptr + partner).to(tl.float32)[None, :]
+        sign = tl.where(d < half, -1.0, 1.0)
+        return xa * cos[None, :] + (sign * sin)[None, :] * xb
+
+    @triton.jit
     def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ws_ptr, cnt_ptr, L, blocks_per_split, scale,
                             sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
+                            nk_ptr, nv_ptr, snk_b, snv_b, cos_ptr, sin_ptr, sc_b, qn_ptr, kn_ptr, eps, pos_ptr,
                             REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            SPLIT: tl.constexpr, FUSED: tl.constexpr, QK_NORM: tl.constexpr):
         # program (b, KV head, split): the split's cache blocks with an online softmax; with
         # SPLIT > 1 each split leaves (max, sum, acc) in the workspace and the last split of a
         # head to arrive (atomic count) merges them in split order, as the split-K GEMV does.
+        # FUSED: q (q_ptr) and the new k/v (nk_ptr, nv_ptr) come straight from the projection;
+        # each program normalises and rotates them, attends to the new token from registers,
+        # and the program whose split holds the cache position writes it to the cache. So the
+        # cache is never read before it is written, and RoPE and the write need no launch.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
         r = tl.arange(0, 16)  # the group's query heads, padded to a tensor-core tile
         d = tl.arange(0, D)
         heads = kvh * REP + r
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
-        m_i = tl.full([16], float("-inf"), tl.float32)
-        l_i = tl.zeros([16], tl.float32)
-        acc = tl.zeros([16, D], tl.float32)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         v_base = v_ptr + b * sv_b + kvh * sv_h
         lo = sp * blocks_per_split * BLOCK_L
         hi = tl.minimum(lo + blocks_per_split * BLOCK_L, L)
+        if FUSED:
+            cur = tl.load(pos_ptr)  # the cache position of this token (StaticLayer.cumulative_length)
+            cos = tl.load(cos_ptr + b * sc_b + d).to(tl.float32)
+            sin = tl.load(sin_ptr + b * sc_b + d).to(tl.float32)
+            q = _rope_rows(q_ptr + b * sq_b, heads * sq_h, r < REP, d, D, cos, sin, qn_ptr, eps, QK_NORM)
+            q = q.to(k_ptr.dtype.element_ty)
+            one = tl.arange(0, 1)
+            k_new = _rope_rows(nk_ptr + b * snk_b + kvh * D, one, one == 0, d, D, cos, sin, kn_ptr, eps, QK_NORM)
+            k_new = k_new.to(k_ptr.dtype.element_ty)  # [1, D], rounded as the cache stores it
+            v_new = tl.load(nv_ptr + b * snv_b + kvh * D + d[None, :] + one[:, None] * 0)
+            if (cur >= lo) & (cur < hi):
+                tl.store(k_base + cur * sk_l + d[None, :] + one[:, None] * 0, k_new)
+                tl.store(v_base + cur * sv_l + d[None, :] + one[:, None] * 0, v_new)
+        else:
+            q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, D], tl.float32)
         for start in range(lo, hi, BLOCK_L):
             pos = start + tl.arange(0, BLOCK_L)
             ok = pos < hi
+            if FUSED:
+                ok = ok & (pos <= cur)
             if HAS_MASK:
                 ok = ok & (tl.load(m_ptr + b * sm_b + pos * sm_l, mask=ok, other=0) != 0)
             if tl.max(ok.to(tl.int32), axis=0) > 0:  # a static cache's unused tail is never read
                 kt = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=ok[:, None], other=0.0)
                 vt = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=ok[:, None], other=0.0)
+                if FUSED:  # the new token from registers, not from a cache line maybe not yet written
+                    kt = tl.where((pos == cur)[:, None], k_new, kt)
+                    vt = tl.where((pos == cur)[:, None], v_new, vt)
                 s = tl.dot(q, tl.trans(kt)) * (scale * 1.4426950408889634)  # [16, BLOCK_L] fp32, base 2
                 s = tl.where(ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -136,12 +175,13 @@ def _workspace(device: torch.device, heads: int, split: int, d: int) -> tuple[to
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            scale: float, split: int | None = None) -> torch.Tensor:
-    """split: cache chunks per KV head run by separate programs, a power of two (default: enough programs to
-    fill the GPU, at least one block of positions each)."""
-    bsz, hq, _, d = q.shape
+            scale: float, split: int | None = None, fused: dict | None = None) -> torch.Tensor:
+    """split: cache chunks per KV head run by separate programs, a power of two (default: enough
+    programs to fill the GPU, at least one block of positions each). fused: see
+    `fused_decode_attention_op` (q is then [B, Hq, D] before RoPE)."""
+    bsz, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv, length = k.shape[1], k.shape[2]
-    out = torch.empty(bsz, 1, hq, d, device=q.device, dtype=q.dtype)
+    out = torch.empty(bsz, 1, hq, d, device=q.device, dtype=k.dtype)
     if mask is not None:
         m = mask.expand(bsz, 1, 1, length).view(torch.uint8) if mask.dtype == torch.bool else mask
         sm_b, sm_l = m.stride(0), m.stride(3)
@@ -156,11 +196,21 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     if ws is None:
         split, per = 1, n_blocks
         ws = (out, out)  # never read
+    if fused is None:
+        f = dict(nk=q, nv=q, snk_b=0, snv_b=0, cos=q, sin=q, sc_b=0, qn=q, kn=q, eps=0.0, pos=ws[1])  # never read
+    else:
+        cos = fused["cos"]
+        f = dict(nk=fused["new_k"], nv=fused["new_v"], snk_b=fused["new_k"].stride(0), snv_b=fused["new_v"].stride(0),
+                 cos=cos, sin=fused["sin"], sc_b=cos.stride(0) if cos.shape[0] == bsz else 0,
+                 qn=fused["q_norm"] if fused["q_norm"] is not None else q,
+                 kn=fused["k_norm"] if fused["k_norm"] is not None else q, eps=fused["eps"], pos=fused["pos"])
     _decode_attn_kernel[(bsz, hkv, split)](
         q, k, v, m, out, ws[0], ws[1], length, per, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         sm_b, sm_l, out.stride(0), out.stride(2),
-        REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=split, num_warps=4)
+        f["nk"], f["nv"], f["snk_b"], f["snv_b"], f["cos"], f["sin"], f["sc_b"], f["qn"], f["kn"], f["eps"], f["pos"],
+        REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=split,
+        FUSED=fused is not None, QK_NORM=fused is not None and fused["q_norm"] is not None, num_warps=4)
     return out
 
 
@@ -176,3 +226,42 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 @decode_attention_op.register_fake
 def _decode_attention_fake(q, k, v, mask, scale):
     return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """[B, H, D] -> fp32: per-head RMS norm (optional), then transformers' rotate_half RoPE."""
+    x = x.float()
+    if norm is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.float().view(cos.shape[0], 1, -1) + rot * sin.float().view(sin.shape[0], 1, -1)
+
+
+@torch.library.custom_op("quantlrm::fused_decode_attention", mutates_args=("k_cache", "v_cache"))
+def fused_decode_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                              mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """A decode step's attention from the raw projections: q [B, Hq, D] and the new k/v
+    [B, Hkv, D] (last dims contiguous, heads D apart), per-head RMS norm weights (Qwen3) or None,
+    RoPE's cos/sin [B or 1, 1, D], a static cache [B, Hkv, L, D] and the token's position `pos`
+    (0-dim). Writes k (normed, rotated) and v at `pos` and returns [B, 1, Hq, D]; the caller
+    advances `pos`. One launch instead of RoPE, two cache writes and attention."""
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        fused = dict(new_k=new_k, new_v=new_v, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm, eps=eps, pos=pos)
+        return _launch(q, k_cache, v_cache, mask, scale, fused=fused)
+    p = int(pos)
+    qr = rope_reference(q, cos, sin, q_norm, eps).to(k_cache.dtype).unsqueeze(2)
+    k_cache[:, :, p] = rope_reference(new_k, cos, sin, k_norm, eps).to(k_cache.dtype)
+    v_cache[:, :, p] = new_v.to(v_cache.dtype)
+    valid = torch.arange(k_cache.shape[2], device=q.device) <= p
+    m = valid.view(1, 1, 1, -1) if mask is None else (mask.bool() & valid.view(1, 1, 1, -1))
+    return reference(qr, k_cache, v_cache, m, scale)
+
+
+@fused_decode_attention_op.register_fake
+def _fused_fake(q, new_k, new_v, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, pos, mask, scale):
+    return k_cache.new_empty((q.shape[0], 1, q.shape[1], q.shape[2]))
+
