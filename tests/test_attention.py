@@ -118,6 +118,27 @@ _INTERP = textwrap.dedent("""
         assert err < 2e-3, (mt, fuse, err)
         worst = max(worst, err)
 
+    # model.generate, left-padded batch of 2: the dynamic cache takes the plain kernel, the
+    # static one the fused kernel, and both give SDPA's tokens
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    ids2 = torch.randint(0, 256, (2, 6))
+    am = torch.ones_like(ids2)
+    am[1, :2] = 0
+    for ci in (None, "static"):
+        seqs = {}
+        for impl in ("sdpa", register()):
+            model.config._attn_implementation = impl
+            if impl != "sdpa":
+                fuse_decode_attention(model)
+            calls.clear()
+            seqs[impl] = model.generate(ids2, attention_mask=am, max_new_tokens=6, do_sample=False,
+                                        cache_implementation=ci, pad_token_id=256)
+        assert torch.equal(seqs["sdpa"], seqs["quantlrm"]), ci
+        assert calls == [ci == "static"] * 5 * cfg.num_hidden_layers, (ci, calls)
+    calls.clear()
+
     # the same decode compiled (AOT autograd functionalises the op's cache mutation)
     cfg = tiny_config("qwen3")
     torch.manual_seed(0)
