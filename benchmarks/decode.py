@@ -326,6 +326,7 @@ def main() -> None:
                          "(fuse_decode_attention off)")
     ap.add_argument("--fp16-qattn", action="store_true",
                     help="also time fp16 (compiled) with our attention, to separate its share of the speed-up")
+    ap.add_argument("--bits", default="4,3", help="quantized precisions to build and time, e.g. '4' or '4,3'")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
@@ -357,6 +358,7 @@ def main() -> None:
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
 
+    quant_bits = tuple(int(b) for b in args.bits.split(","))
     cfg = llama8b_config(args.layers)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -364,12 +366,12 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     dense = {n: m for lst in linears(model).values() for n, m in lst}
     quant = {}
-    for bits in (4, 3):
+    for bits in quant_bits:
         quant[bits] = {n: QuantLinear.from_linear(m, bits, args.group_size) for n, m in dense.items()}
         torch.cuda.synchronize()
     # correctness on the real shapes: tuned kernels vs dequantize-then-matmul (fp32 reference)
     res["check_relerr"] = {}
-    for bits in (4, 3):
+    for bits in quant_bits:
         for short in ("q_proj", "down_proj"):
             qm = quant[bits][f"model.layers.0.mlp.{short}" if short == "down_proj" else f"model.layers.0.self_attn.{short}"]
             for m in (1,) if args.gemv_only else (1, 7, 64):
@@ -387,7 +389,7 @@ def main() -> None:
         return {s: [(n, mods[n]) for n, _ in lst] for s, lst in linears(model).items()}
 
     with torch.no_grad():
-        sets = {"fp16": by_short(dense), "W4": by_short(quant[4]), "W3": by_short(quant[3])}
+        sets = {"fp16": by_short(dense), **{f"W{b}": by_short(quant[b]) for b in quant_bits}}
         res["gemv"] = [] if args.decode_only else gemv_bench(sets, peak)
         dump()
         for r in res["gemv"]:
@@ -395,10 +397,9 @@ def main() -> None:
                   f"{r['gbps']:6.0f} GB/s ({r['frac_copy_bw']:.0%} of copy bw) {r['chosen'] or ''}", flush=True)
         if args.gemv_only:
             return
-        gate = [m for _, m in sets["W4"]["gate_proj"]]
-        res["prefill"] = [] if args.decode_only else (prefill_bench(gate, [m for _, m in sets["fp16"]["gate_proj"]])
-                          + prefill_bench([m for _, m in sets["W3"]["gate_proj"]],
-                                          [m for _, m in sets["fp16"]["gate_proj"]]))
+        dense_gate = [m for _, m in sets["fp16"]["gate_proj"]]
+        res["prefill"] = [] if args.decode_only else [
+            r for b in quant_bits for r in prefill_bench([m for _, m in sets[f"W{b}"]["gate_proj"]], dense_gate)]
         for r in res["prefill"]:
             print(f"prefill W{r['bits']} M={r['m']:5d} {r['chosen']} ours {r['us_ours']:8.1f} us  "
                   f"dequant+cuBLAS {r['us_dequant_cublas']:8.1f} us  fp16 {r['us_fp16']:8.1f} us", flush=True)
@@ -415,8 +416,9 @@ def main() -> None:
     # With --compile every precision is compiled alike; the uncompiled fp16 loop (what plain
     # transformers gives) is timed too, so both ratios come from the same run.
     qattn = register() if args.attention == "quantlrm" else "sdpa"
-    runs = [("fp16", False, "sdpa")] + [(p, True, "sdpa" if p == "fp16" else qattn) for p in ("fp16", "W4", "W3")] \
-        if args.compile else [(p, False, "sdpa" if p == "fp16" else qattn) for p in ("fp16", "W4", "W3")]
+    precs = ("fp16", *(f"W{b}" for b in quant_bits))
+    runs = [("fp16", False, "sdpa")] + [(p, True, "sdpa" if p == "fp16" else qattn) for p in precs] \
+        if args.compile else [(p, False, "sdpa" if p == "fp16" else qattn) for p in precs]
     if args.fp16_qattn:
         runs.insert(2 if args.compile else 1, ("fp16", args.compile, register()))
     for prec, comp, attn in runs:
