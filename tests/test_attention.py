@@ -138,6 +138,13 @@ _INTERP = textwrap.dedent("""
         assert torch.equal(seqs["sdpa"], seqs["quantlrm"]), ci
         assert calls == [ci == "static"] * 5 * cfg.num_hidden_layers, (ci, calls)
     calls.clear()
+    # an fp32 model has no kernel path: everything stays on SDPA, and generate still works
+    model32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model32.config._attn_implementation = register()
+    fuse_decode_attention(model32)
+    assert model32.generate(ids2[:1], max_new_tokens=3, do_sample=False, cache_implementation="static",
+                            pad_token_id=256).shape == (1, 9)
+    assert calls == [], calls
 
     # the same decode compiled (AOT autograd functionalises the op's cache mutation)
     cfg = tiny_config("qwen3")

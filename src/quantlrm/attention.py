@@ -62,6 +62,8 @@ def _fast_path(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb, mask, cache
         return None
     keys = layer.keys
     d = attn.head_dim
+    if hidden.dtype not in (torch.float16, torch.bfloat16) or not 16 <= d <= 256 or d & (d - 1):
+        return None  # the kernel's tiles: a power-of-two head size, 16-bit activations
     cos, sin = pos_emb
     if cos.shape[-1] != d or cos.dim() != 3 or cos.shape[1] != 1 or keys.dtype != hidden.dtype:
         return None
