@@ -250,6 +250,8 @@ def fused_decode_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch
     (0-dim). Writes k (normed, rotated) and v at `pos` and returns [B, 1, Hq, D]; the caller
     advances `pos`. One launch instead of RoPE, two cache writes and attention."""
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        d = q.shape[-1]
+        q, new_k, new_v = (t if t.stride(-1) == 1 and t.stride(1) == d else t.contiguous() for t in (q, new_k, new_v))
         fused = dict(new_k=new_k, new_v=new_v, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm, eps=eps, pos=pos)
         return _launch(q, k_cache, v_cache, mask, scale, fused=fused)
     p = int(pos)
