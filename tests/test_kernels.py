@@ -301,6 +301,11 @@ def test_gpu_load_quantized_matches_dense(tmp_path):
             assert _relerr(qm(ids).logits, ref(ids).logits) < 1e-2
             out = qm.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256)
         assert out.shape == (1, 17)
+        # a static cache: transformers compiles the step, and the fused attention runs in it
+        gen = {ci: qm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=256, cache_implementation=ci,
+                               output_scores=True, return_dict_in_generate=True) for ci in (None, "static")}
+        assert torch.equal(gen[None].sequences, gen["static"].sequences), bits
+        assert _relerr(torch.stack(gen["static"].scores), torch.stack(gen[None].scores)) < 1e-2
 
 
 def test_quantlinear_compiles_without_graph_breaks():
