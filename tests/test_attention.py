@@ -290,3 +290,44 @@ def test_gpu_compiled_decode_with_fused_attention():
                     tok = out.logits[:, -1:].argmax(-1)
             res[impl] = torch.stack(steps)
         assert float((res["sdpa"] - res["quantlrm"]).abs().max()) < 5e-3, mt
+
+
+_EXPORT_INTERP = textwrap.dedent("""
+    import tempfile
+    import torch
+    from quantlrm.attention import fuse_decode_attention, register
+    from quantlrm.kernels import attention as K
+    from quantlrm.nn import build_quantized, fuse_projections
+    from tests.test_kernels import _export_tiny
+    calls = []
+    launch = K._launch
+    K._launch = lambda *a, **kw: calls.append(kw.get("fused") is not None) or launch(*a, **kw)
+    for mt in ("qwen2", "qwen3"):
+        d = tempfile.mkdtemp()
+        _export_tiny(d, 4, 32, mt)
+        model = build_quantized(d, "cpu", torch.float16, attn_implementation=register())
+        assert fuse_projections(model) == 4 and fuse_decode_attention(model) == 2
+        ids = torch.randint(0, 256, (1, 8))
+        gen = {}
+        for ci in (None, "static"):
+            calls.clear()
+            gen[ci] = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=256, cache_implementation=ci,
+                                     output_scores=True, return_dict_in_generate=True)
+            assert calls == [ci == "static"] * 8, (mt, ci, calls)
+        assert torch.equal(gen[None].sequences, gen["static"].sequences), mt
+        err = float((torch.stack(gen[None].scores) - torch.stack(gen["static"].scores)).abs().max())
+        assert err < 2e-3, (mt, err)
+    print("OK")
+""")
+
+
+def test_quantized_export_decodes_with_fused_attention_in_interpreter():
+    """The product path on CPU: a compressed-tensors export loaded with QuantLinears (Triton
+    kernels in the interpreter), q/k/v and gate/up fused, the fused decode attention on a static
+    cache: the same tokens and scores as the dynamic cache's plain kernel."""
+    pytest.importorskip("triton")
+    pytest.importorskip("quantlrm.export.compressed_tensors")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
+    r = subprocess.run([sys.executable, "-c", _EXPORT_INTERP], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK" in r.stdout
