@@ -52,6 +52,10 @@ _INTERP = textwrap.dedent("""
                 err = float((got - ref).abs().max())
                 assert err < 2e-3, (b, hq, hkv, length, d, m is None, split, err)
                 worst = max(worst, err)
+        # a head that may attend nowhere gives 0 (SDPA since torch 2.5), not NaN
+        nowhere = torch.zeros_like(mask)
+        for split in (1, 2):
+            assert torch.equal(K._launch(q, k, v, nowhere, d ** -0.5, split), torch.zeros(b, 1, hq, d).half()), split
         # the mask matters: attending to the masked positions gives another answer
         assert (K.reference(q, k, v, None, d ** -0.5) - K.reference(q, k, v, mask, d ** -0.5)).abs().max() > 1e-2
 
@@ -117,6 +121,22 @@ _INTERP = textwrap.dedent("""
         err = float((logits["sdpa"] - logits["quantlrm"]).abs().max())
         assert err < 2e-3, (mt, fuse, err)
         worst = max(worst, err)
+
+    # only Llama-style attention (architecture table) is swapped; other families keep theirs
+    for mt in ("olmo2", "stablelm"):
+        assert fuse_decode_attention(AutoModelForCausalLM.from_config(tiny_config(mt))) == 0, mt
+    # a swapped module called with positional arguments and no cache runs its own forward
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 1, cfg.hidden_size).half()
+    pe = model.model.rotary_emb(h, torch.zeros(1, 1, dtype=torch.long))
+    with torch.no_grad():
+        want = attn(h, pe, None)[0]
+        fuse_decode_attention(model)
+        assert type(attn).__name__.startswith("QuantLRMDecode")
+        assert torch.equal(attn(h, pe, None)[0], want)
 
     # model.generate, left-padded batch of 2: the dynamic cache takes the plain kernel, the
     # static one the fused kernel, and both give SDPA's tokens

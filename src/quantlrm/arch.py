@@ -40,6 +40,9 @@ class Arch:
     # (gate, up, down) of a gated MLP, down(act(gate(x)) * up(x)): at inference gate and up
     # run as one launch that also applies the activation (SiLU only)
     gated_mlp: tuple[str, str, str] | None = ("gate", "up", "down")
+    # attention as Llama's: rotate_half RoPE over the whole head, optional per-head q/k RMS
+    # norms (x * w) before it; only then may `fuse_decode_attention` replace its decode step
+    fused_decode_attention: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -73,6 +76,7 @@ PRE_NORM = Arch(
     linears=_LINEARS,
     scale_groups=(_QKV, _VO, _GATE_UP, _DOWN),
     # Qwen3's q_norm/k_norm act on q/k outputs, so scaling their inputs stays legal.
+    fused_decode_attention=True,
     note="R1-Distill-Llama, R1-Distill-Qwen, Qwen3, Mistral",
 )
 

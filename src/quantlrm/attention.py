@@ -61,6 +61,8 @@ def _fast_path(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb, mask, cache
     if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
         return None
     keys = layer.keys
+    if keys.device != hidden.device or getattr(cache, "offloading", False):
+        return None  # an offloaded static cache keeps its layers elsewhere between steps
     d = attn.head_dim
     if hidden.dtype not in (torch.float16, torch.bfloat16) or not 16 <= d <= 256 or d & (d - 1):
         return None  # the kernel's tiles: a power-of-two head size, 16-bit activations
@@ -70,6 +72,8 @@ def _fast_path(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb, mask, cache
     if mask is not None and mask.dtype != torch.bool:
         return None
     norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+    if (norms[0] is None) != (norms[1] is None):
+        return None
     if any(n is not None and getattr(n, "weight", torch.empty(0)).numel() != d for n in norms):
         return None  # e.g. OLMo-2's norm over the whole projection, not per head
     hq, hkv = attn.q_proj.out_features // d, keys.shape[1]
@@ -80,12 +84,18 @@ def _fast_path(attn: torch.nn.Module, hidden: torch.Tensor, pos_emb, mask, cache
     return dict(layer=layer, cos=cos, sin=sin, norms=norms)
 
 
-def _decode_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args,
-                    **kwargs):
+def _decode_forward(self, *args, **kwargs):
+    # The arguments of Llama-style attention, by name or position; a fallback passes them on as given.
+    def arg(i: int, name: str):
+        return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+
+    hidden_states, position_embeddings, attention_mask = (arg(0, "hidden_states"), arg(1, "position_embeddings"),
+                                                           arg(2, "attention_mask"))
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    plan = None if args else _fast_path(self, hidden_states, position_embeddings, attention_mask, cache)
+    plan = None if len(args) > 3 or hidden_states is None else _fast_path(
+        self, hidden_states, position_embeddings, attention_mask, cache)
     if plan is None:
-        return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return super(type(self), self).forward(*args, **kwargs)
     bsz, d = hidden_states.shape[0], self.head_dim
     q = self.q_proj(hidden_states).view(bsz, -1, d)  # with fused q/k/v: one launch, three views
     k = self.k_proj(hidden_states).view(bsz, -1, d)
@@ -103,9 +113,18 @@ _DECODE_CLASSES: dict[type, type] = {}
 
 
 def fuse_decode_attention(model: torch.nn.Module) -> int:
-    """Give every q/k/v/o attention module the fused single-token path (see the module's
-    docstring); returns how many. Parameters and their names are unchanged: only the class of
+    """Give every attention module the fused single-token path (see the module's docstring);
+    returns how many (0 for architectures whose attention differs from Llama's: table flag
+    `Arch.fused_decode_attention`). Parameters and their names are unchanged: only the class of
     each module is swapped for a subclass whose forward tries the fast path first."""
+    from quantlrm.arch import get_arch
+    from quantlrm.errors import QuantLRMError
+
+    try:
+        if not get_arch(model.config.to_dict()).fused_decode_attention:
+            return 0
+    except QuantLRMError:  # a family outside the table: its RoPE and norms are unknown
+        return 0
     n = 0
     for mod in model.modules():
         cls = type(mod)

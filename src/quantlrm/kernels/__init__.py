@@ -9,6 +9,7 @@ CUDA graph is being captured never time anything: warm up before capturing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -161,6 +162,29 @@ def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> t
 # Split-K workspaces of the GEMV, one per (device, N, splits, row tiles): fp32 partials and
 # self-re-arming counters. Kernels on one stream use them one after another; made outside
 # CUDA-graph capture (the tuner's first call), else the kernel falls back to atomics.
+def outside_graph_pool(device: torch.device, make):
+    """`make()` for tensors that live across calls (split-K workspaces and their counters).
+    cudagraph trees (torch.compile mode="reduce-overhead", which transformers uses for a
+    static-cache `generate`) send the current stream's allocations during warm-up to a private
+    pool whose memory later graphs reuse; a side stream's allocations stay outside it."""
+    if device.type != "cuda":
+        return make()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = make()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: switch to the tensor's where they differ
+    (a model split over GPUs)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 _WS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -173,8 +197,8 @@ def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[to
     if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        ws = (torch.empty(split, n, dtype=torch.float32, device=device),
-              torch.zeros(tiles, dtype=torch.int32, device=device))
+        ws = outside_graph_pool(device, lambda: (torch.empty(split, n, dtype=torch.float32, device=device),
+                                                 torch.zeros(tiles, dtype=torch.int32, device=device)))
         _WS[key] = ws
     return ws
 
@@ -326,7 +350,8 @@ def qmatmul(x: torch.Tensor, kw: KernelWeight, config: Config | None = None, act
         y = reference_matmul(x2, kw)
         y = gated(y) if act else y
     else:
-        y = run_config(x2, kw, config or choose(x2, kw), act)
+        with on_device(x2):
+            y = run_config(x2, kw, config or choose(x2, kw), act)
     return y.view(*shape[:-1], kw.out_features // 2 if act else kw.out_features)
 
 

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from quantlrm.kernels import on_device, outside_graph_pool
+
 try:
     import triton
     import triton.language as tl
@@ -45,7 +47,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     s = (q.float() @ kk.transpose(-1, -2)) * scale  # [B, Hq, 1, L]
     if mask is not None:
         s = s.masked_fill(~mask.bool(), float("-inf"))
-    out = torch.softmax(s, dim=-1) @ vv  # [B, Hq, 1, D]
+    out = torch.nan_to_num(torch.softmax(s, dim=-1)) @ vv  # [B, Hq, 1, D]; a row attending nowhere: 0
     return out.transpose(1, 2).to(q.dtype)
 
 
@@ -131,7 +133,9 @@ if triton is not None:
         o_ptrs = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
         o_mask = (r < REP)[:, None]
         if SPLIT == 1:
-            tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
+            # a head that may attend nowhere gives 0, as SDPA does (torch >= 2.5), not NaN
+            out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
         else:
             head = b * tl.num_programs(1) + kvh
             part = ws_ptr + (head * SPLIT + sp) * (16 * D + 32)  # [acc 16 x D | max 16 | sum 16]
@@ -154,7 +158,8 @@ if triton is not None:
                     pk = base + k * (16 * D + 32)
                     w = tl.exp2(tl.load(pk + 16 * D + r, cache_modifier=".cg") - mx)
                     num += w[:, None] * tl.load(pk + r[:, None] * D + d[None, :], cache_modifier=".cg")
-                tl.store(o_ptrs, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
+                out = tl.where(den[:, None] > 0, num / den[:, None], 0.0)
+                tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
                 tl.atomic_xchg(cnt_ptr + head, 0)
 
 
@@ -168,8 +173,9 @@ def _workspace(device: torch.device, heads: int, split: int, d: int) -> tuple[to
     if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None  # never allocate inside a graph: run unsplit instead
-        ws = (torch.empty(heads * split * (16 * d + 32), dtype=torch.float32, device=device),
-              torch.zeros(heads, dtype=torch.int32, device=device))
+        ws = outside_graph_pool(device, lambda: (torch.empty(heads * split * (16 * d + 32), dtype=torch.float32,
+                                                             device=device),
+                                                 torch.zeros(heads, dtype=torch.int32, device=device)))
         _WS[key] = ws
     return ws
 
@@ -219,7 +225,8 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
                         scale: float) -> torch.Tensor:
     """One opaque operator, so torch.compile and CUDA graphs keep the launch whole."""
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return _launch(q, k, v, mask, scale)
+        with on_device(q):
+            return _launch(q, k, v, mask, scale)
     return reference(q, k, v, mask, scale)
 
 
@@ -253,7 +260,8 @@ def fused_decode_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch
         d = q.shape[-1]
         q, new_k, new_v = (t if t.stride(-1) == 1 and t.stride(1) == d else t.contiguous() for t in (q, new_k, new_v))
         fused = dict(new_k=new_k, new_v=new_v, cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm, eps=eps, pos=pos)
-        return _launch(q, k_cache, v_cache, mask, scale, fused=fused)
+        with on_device(q):
+            return _launch(q, k_cache, v_cache, mask, scale, fused=fused)
     p = int(pos)
     qr = rope_reference(q, cos, sin, q_norm, eps).to(k_cache.dtype).unsqueeze(2)
     k_cache[:, :, p] = rope_reference(new_k, cos, sin, k_norm, eps).to(k_cache.dtype)
