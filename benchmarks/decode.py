@@ -443,7 +443,7 @@ def main() -> None:
         r["setup_s"] = time.time() - t0 - sum(r["latencies_s"])
         if not args.no_hf_generate:
             r["hf_generate_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens)
-        if args.hf_static and comp:
+        if args.hf_static and (comp or not args.compile):  # once per precision
             r["hf_static_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens, "static")
             print(f"  model.generate(cache_implementation='static'): {r['hf_static_tok_per_s']:.1f} tok/s", flush=True)
         res["decode"][label] = r

@@ -304,8 +304,13 @@ def test_gpu_load_quantized_matches_dense(tmp_path):
         # a static cache: transformers compiles the step, and the fused attention runs in it
         gen = {ci: qm.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=256, cache_implementation=ci,
                                output_scores=True, return_dict_in_generate=True) for ci in (None, "static")}
-        assert torch.equal(gen[None].sequences, gen["static"].sequences), bits
-        assert _relerr(torch.stack(gen["static"].scores), torch.stack(gen[None].scores)) < 1e-2
+        sd, ss = torch.stack(gen[None].scores).float(), torch.stack(gen["static"].scores).float()
+        diff = (gen[None].sequences != gen["static"].sequences)[0, ids.shape[1]:].nonzero()
+        n = int(diff[0]) if len(diff) else sd.shape[0] - 1
+        if len(diff):  # two numeric paths: greedy may part only at a near-tie of the top two tokens
+            top2 = sd[n, 0].topk(2).values
+            assert float(top2[0] - top2[1]) < 2e-3, (bits, n)
+        assert _relerr(ss[:n + 1], sd[:n + 1]) < 1e-2, bits
 
 
 def test_quantlinear_compiles_without_graph_breaks():
