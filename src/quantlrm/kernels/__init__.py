@@ -159,14 +159,18 @@ def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> t
     return w
 
 
-# Split-K workspaces of the GEMV, one per (device, N, splits, row tiles): fp32 partials and
-# self-re-arming counters. Kernels on one stream use them one after another; made outside
-# CUDA-graph capture (the tuner's first call), else the kernel falls back to atomics.
-def outside_graph_pool(device: torch.device, make):
-    """`make()` for tensors that live across calls (split-K workspaces and their counters).
-    cudagraph trees (torch.compile mode="reduce-overhead", which transformers uses for a
-    static-cache `generate`) send the current stream's allocations during warm-up to a private
-    pool whose memory later graphs reuse; a side stream's allocations stay outside it."""
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: switch to the tensor's where they differ
+    (a model split over GPUs)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _outside_graph_pool(device: torch.device, make):
+    """`make()` on a side stream. cudagraph trees (torch.compile mode="reduce-overhead", which
+    transformers uses for a static-cache `generate`) send the current stream's allocations
+    during warm-up to a private pool whose memory later graphs reuse; a side stream's stay out."""
     if device.type != "cuda":
         return make()
     side = torch.cuda.Stream(device)
@@ -177,30 +181,28 @@ def outside_graph_pool(device: torch.device, make):
     return out
 
 
-def on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: switch to the tensor's where they differ
-    (a model split over GPUs)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
+# Workspaces of the in-kernel split reductions (split-K GEMV, split decode attention), one per
+# (device, size): fp32 partials and self-re-arming counters. Kernels on one stream use them one
+# after another. Made outside CUDA-graph capture (a warm-up call) and outside graph pools;
+# during a capture with none made yet, the caller runs unsplit or with atomics.
 _WS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """n: outputs per split (rows of x times rows of W)."""
-    if split == 1:
-        return None
-    key = (str(device), n, split, tiles)
+def workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    key = (str(device), floats, counters)
     ws = _WS.get(key)
     if ws is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        ws = outside_graph_pool(device, lambda: (torch.empty(split, n, dtype=torch.float32, device=device),
-                                                 torch.zeros(tiles, dtype=torch.int32, device=device)))
+        ws = _outside_graph_pool(device, lambda: (torch.empty(floats, dtype=torch.float32, device=device),
+                                                  torch.zeros(counters, dtype=torch.int32, device=device)))
         _WS[key] = ws
     return ws
+
+
+def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The split-K GEMV's: n outputs per split (rows of x times rows of W), a counter per row tile."""
+    return workspace(device, split * n, tiles) if split > 1 else None
 
 
 def gated(y: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from quantlrm.kernels import on_device, outside_graph_pool
+from quantlrm.kernels import on_device, workspace
 
 try:
     import triton
@@ -163,21 +163,7 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + head, 0)
 
 
-_WS: dict = {}
 TARGET_PROGRAMS = 128  # about one program per SM of an H100 (132)
-
-
-def _workspace(device: torch.device, heads: int, split: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    key = (str(device), heads, split, d)
-    ws = _WS.get(key)
-    if ws is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # never allocate inside a graph: run unsplit instead
-        ws = outside_graph_pool(device, lambda: (torch.empty(heads * split * (16 * d + 32), dtype=torch.float32,
-                                                             device=device),
-                                                 torch.zeros(heads, dtype=torch.int32, device=device)))
-        _WS[key] = ws
-    return ws
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -198,7 +184,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     if split is None:  # a power of two (few compiles), at most one program per block
         split = 1 << (max(1, min(n_blocks, TARGET_PROGRAMS // (bsz * hkv))).bit_length() - 1)
     per = triton.cdiv(n_blocks, split)  # programs past the cache's end find nothing and weigh 0
-    ws = _workspace(q.device, bsz * hkv, split, d) if split > 1 else None
+    ws = workspace(q.device, bsz * hkv * split * (16 * d + 32), bsz * hkv) if split > 1 else None
     if ws is None:
         split, per = 1, n_blocks
         ws = (out, out)  # never read
