@@ -37,10 +37,39 @@ def _inputs(b, hq, hkv, length, d, valid, dtype, device="cpu"):
     return q, k, v, mask
 
 
+def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu"):
+    """The fused op (per-head norm, RoPE, cache write, attention) on random inputs, and the same
+    steps in torch: (kernel output, reference, cache after the kernel, cache after torch)."""
+    from quantlrm.kernels import attention as K
+
+    g = torch.Generator().manual_seed(cur + d)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    q, nk, nv = rnd(b, hq, d), rnd(b, hkv, d), rnd(b, hkv, d)
+    kc, vc = rnd(b, hkv, length, d), rnd(b, hkv, length, d)
+    ang = torch.rand(1, 1, d // 2, generator=g).to(device) * 3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    qn, kn = (1 + 0.1 * rnd(d), 1 + 0.1 * rnd(d)) if norm else (None, None)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool, device=device)
+    mask[..., cur + 1:] = False
+    if b > 1:
+        mask[1, ..., :3] = False
+    kc2, vc2 = kc.clone(), vc.clone()
+    fused = dict(new_k=nk, new_v=nv, cos=cos, sin=sin, q_norm=qn, k_norm=kn, eps=1e-6,
+                 pos=torch.tensor(cur, device=device))
+    got = K._launch(q, kc, vc, mask, d ** -0.5, split, fused=fused).float()
+    kc2[:, :, cur] = K.rope_reference(nk, cos, sin, kn, 1e-6).to(dtype)
+    vc2[:, :, cur] = nv
+    qr = K.rope_reference(q, cos, sin, qn, 1e-6).to(dtype).unsqueeze(2)
+    return got, K.reference(qr, kc2, vc2, mask, d ** -0.5).float(), (kc, vc), (kc2, vc2)
+
+
 _INTERP = textwrap.dedent("""
     import torch
     from quantlrm.kernels import attention as K
-    from tests.test_attention import _CASES, _inputs
+    from tests.test_attention import _CASES, _fused_case, _inputs
     worst = 0.0
     for b, hq, hkv, length, d, valid in _CASES:
         q, k, v, mask = _inputs(b, hq, hkv, length, d, valid, torch.float16)
@@ -62,25 +91,7 @@ _INTERP = textwrap.dedent("""
     # the fused op (per-head norm, RoPE, cache write, attention) against the same steps in torch
     for b, hq, hkv, length, d, cur, norm, split in [(1, 8, 2, 100, 64, 40, False, None), (2, 4, 4, 70, 32, 69, True, 2),
                                                     (1, 12, 3, 130, 128, 0, True, 1), (1, 16, 1, 64, 16, 63, False, 4)]:
-        g = torch.Generator().manual_seed(cur + d)
-        def rnd(*shape):
-            return torch.randn(*shape, generator=g).half()
-        q, nk, nv = rnd(b, hq, d), rnd(b, hkv, d), rnd(b, hkv, d)
-        kc, vc = rnd(b, hkv, length, d), rnd(b, hkv, length, d)
-        ang = torch.rand(1, 1, d // 2, generator=g) * 3
-        cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
-        qn, kn = (1 + 0.1 * rnd(d), 1 + 0.1 * rnd(d)) if norm else (None, None)
-        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
-        mask[..., cur + 1:] = False
-        if b > 1:
-            mask[1, ..., :3] = False
-        kc2, vc2 = kc.clone(), vc.clone()
-        fused = dict(new_k=nk, new_v=nv, cos=cos, sin=sin, q_norm=qn, k_norm=kn, eps=1e-6, pos=torch.tensor(cur))
-        got = K._launch(q, kc, vc, mask, d ** -0.5, split, fused=fused).float()
-        kc2[:, :, cur] = K.rope_reference(nk, cos, sin, kn, 1e-6).half()
-        vc2[:, :, cur] = nv
-        qr = K.rope_reference(q, cos, sin, qn, 1e-6).half().unsqueeze(2)
-        ref = K.reference(qr, kc2, vc2, mask, d ** -0.5).float()
+        got, ref, (kc, vc), (kc2, vc2) = _fused_case(b, hq, hkv, length, d, cur, norm, split, torch.float16)
         assert float((got - ref).abs().max()) < 2e-3, ("fused", b, hq, hkv, d, cur, norm)
         assert torch.equal(kc, kc2) and torch.equal(vc, vc2), ("cache write", b, hq, hkv, d, cur)
 
@@ -246,32 +257,12 @@ def test_gpu_decode_attention(dtype):
 def test_gpu_fused_decode_attention(dtype):
     """Norm + RoPE + cache write + attention in one launch, against the same steps in torch;
     the splits run concurrently here, so the new token must come from registers, not the cache."""
-    from quantlrm.kernels import attention as K
 
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     for b, hq, hkv, length, d, cur, norm in [(1, 32, 8, 1000, 128, 700, False), (2, 16, 8, 300, 128, 299, True),
                                              (1, 8, 2, 100, 64, 0, True)]:
-        g = torch.Generator().manual_seed(cur + d)
-
-        def rnd(*shape, g=g):
-            return torch.randn(*shape, generator=g).to("cuda", dtype)
-
-        q, nk, nv = rnd(b, hq, d), rnd(b, hkv, d), rnd(b, hkv, d)
-        ang = torch.rand(1, 1, d // 2, generator=g).cuda() * 3
-        cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
-        qn, kn = (1 + 0.1 * rnd(d), 1 + 0.1 * rnd(d)) if norm else (None, None)
-        mask = torch.ones(b, 1, 1, length, dtype=torch.bool, device="cuda")
-        mask[..., cur + 1:] = False
         for split in (None, 1, 8):
-            kc, vc = rnd(b, hkv, length, d), rnd(b, hkv, length, d)
-            kc2, vc2 = kc.clone(), vc.clone()
-            fused = dict(new_k=nk, new_v=nv, cos=cos, sin=sin, q_norm=qn, k_norm=kn, eps=1e-6,
-                         pos=torch.tensor(cur, device="cuda"))
-            got = K._launch(q, kc, vc, mask, d ** -0.5, split, fused=fused).float()
-            kc2[:, :, cur] = K.rope_reference(nk, cos, sin, kn, 1e-6).to(dtype)
-            vc2[:, :, cur] = nv
-            ref = K.reference(K.rope_reference(q, cos, sin, qn, 1e-6).to(dtype).unsqueeze(2), kc2, vc2, mask,
-                              d ** -0.5).float()
+            got, ref, (kc, vc), (kc2, vc2) = _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, "cuda")
             assert float((got - ref).abs().max()) < tol, (b, hq, hkv, d, cur, norm, split)
             # the written key may differ from torch's rounding by an ulp (fused multiply-adds)
             rtol = 2e-3 if dtype == torch.float16 else 1.6e-2
