@@ -227,15 +227,27 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     u = cfg.blocks_per_step if cfg.half2 else 1
     per = tk.cdiv(tk.cdiv(nb, cfg.split_k), u) * u  # a split is whole steps
     split = tk.cdiv(nb, per)
-    if cfg.kind == "gemv" and (m > MAX_GEMV_ROWS or (cfg.half2 and m != 1)):
-        raise ValueError(f"the GEMV configurations take 1 (half2) or up to {MAX_GEMV_ROWS} activation rows")
-    ws = _workspace(x2.device, n * m, split, tk.cdiv(n, cfg.block_n)) if cfg.kind == "gemv" else None
+    gemv = cfg.kind in ("gemv", "gemv_t")
+    if gemv and (m > MAX_GEMV_ROWS or ((cfg.half2 or cfg.kind == "gemv_t") and m != 1)):
+        raise ValueError(f"the GEMV configurations take 1 (half2, rows in lanes) or up to {MAX_GEMV_ROWS} "
+                         "activation rows")
+    ws = _workspace(x2.device, n * m, split, tk.cdiv(n, cfg.block_n)) if gemv else None
     atomic = split > 1 and ws is None
-    fused_act = act and cfg.kind == "gemv" and not atomic
+    fused_act = act and gemv and not atomic
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n // 2 if fused_act else n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
-    if cfg.kind == "gemv":
+    if cfg.kind == "gemv_t":
+        gb = 0 if kw.group_size == k else kw.group_size // kw.block
+        xin = torch.nn.functional.pad(x2, (0, 1)) if k % 2 else x2
+        wsp, cnt = ws if ws is not None else (y, y)
+        tk._gemv_t_kernel[(tk.cdiv(n, cfg.block_n), split)](
+            xin.view(torch.int32), kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
+            kw.packed.stride(0), kw.packed.stride(1), kw.scale.stride(0), P=kw.per_word, GB=gb,
+            BLOCK_N=cfg.block_n, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
+            MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act,
+            EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **common)
+    elif cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
         xin = x2.float() if cfg.x32 and not cfg.half2 else x2
