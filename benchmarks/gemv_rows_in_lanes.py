@@ -37,6 +37,15 @@ def col_major(kw):
                         kw.in_features, kw.out_features)
 
 
+def row_tiled(kw, bn: int):
+    """The words stored per tile of bn rows: [N / bn, words, bn] (each block of a tile contiguous)."""
+    from quantlrm.kernels import KernelWeight
+
+    n, words = kw.packed.shape
+    t = kw.packed.view(n // bn, bn, words).transpose(1, 2).contiguous()
+    return KernelWeight(t, kw.scale, kw.zero, kw.bits, kw.group_size, kw.in_features, kw.out_features)
+
+
 def splits(n: int, bn: int, nb: int) -> list[int]:
     """Split-K values that give about one to four waves of programs on 132 SMs."""
     tiles = -(-n // bn)
@@ -92,6 +101,19 @@ def main() -> None:
                     if best is None or t < best[0]:
                         best = (t, cfg, err)
             t, cfg, err = best
+            for tcfg in sorted({(c.block_n, c.num_warps, c.split_k) for c in [cfg]} |
+                               {(bn, w, s) for bn, w in ((512, 4), (1024, 8), (256, 2)) for s in splits(n, bn, real.n_blocks)}):
+                bn, warps, sk = tcfg
+                c = Config("gemv_t", block_n=bn, num_warps=warps, split_k=sk)
+                tl_ = [row_tiled(w, bn) for w in copies]
+                y = run_config(x, row_tiled(real, bn), c).float()
+                err2 = ((y - ref).abs().max() / ref.abs().max()).item()
+                t2 = per_call(run_config, c, tl_, x)
+                res["rows"].append(dict(bits=bits, linear=name, kind="rows_in_lanes_tiled", config=repr(c),
+                                        us=t2 * 1e6, GBps=nbytes / t2 / 1e9, relerr=err2))
+                print(f"W{bits} {name}: tiled {bn}/{warps}/{sk}: {t2 * 1e6:.1f} us = {nbytes / t2 / 1e9:.0f} GB/s "
+                      f"({t_prod / t2:.2f}x the product), rel. error {err2:.1e}", flush=True)
+                del tl_
             print(f"W{bits} {name}: rows in lanes best {cfg}: {t * 1e6:.1f} us = {nbytes / t / 1e9:.0f} GB/s "
                   f"({t_prod / t:.2f}x the product), rel. error {err:.1e}", flush=True)
             del copies, cm

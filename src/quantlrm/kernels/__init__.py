@@ -238,12 +238,16 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
          else torch.empty(m, n // 2 if fused_act else n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
     if cfg.kind == "gemv_t":
+        tiled = kw.packed.dim() == 3  # [N / block_n, words, block_n]: see _gemv_t_kernel
+        if tiled and kw.packed.shape[2] != cfg.block_n:
+            raise ValueError("a row-tiled weight runs only with its own tile height")
         gb = 0 if kw.group_size == k else kw.group_size // kw.block
         xin = torch.nn.functional.pad(x2, (0, 1)) if k % 2 else x2
         wsp, cnt = ws if ws is not None else (y, y)
         tk._gemv_t_kernel[(tk.cdiv(n, cfg.block_n), split)](
             xin.view(torch.int32), kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
-            kw.packed.stride(0), kw.packed.stride(1), kw.scale.stride(0), P=kw.per_word, GB=gb,
+            0 if tiled else kw.packed.stride(0), cfg.block_n if tiled else kw.packed.stride(1), kw.scale.stride(0),
+            P=kw.per_word, GB=gb, TILED=tiled,
             BLOCK_N=cfg.block_n, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
             MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act,
             EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **common)

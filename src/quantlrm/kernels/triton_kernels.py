@@ -393,7 +393,9 @@ def _gemv_t_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                    N, K, n_blocks, blocks_per_split, stride_pn, stride_pk, stride_s,
                    BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                    GB: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                   MODE: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr):
+                   MODE: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr, TILED: tl.constexpr = False):
+    # TILED: the words are stored per row tile ([N / BLOCK_N, n_blocks * W, BLOCK_N]), so a
+    # program's words for one block are one contiguous run (stride_pk is then BLOCK_N).
     # Rows in lanes: a thread owns BLOCK_N / (32 * num_warps) neighbouring rows and walks the
     # words of a block one word index at a time. With the words stored column-major
     # (stride_pn == 1: word j of neighbouring rows is contiguous) a thread's rows arrive in one
@@ -408,7 +410,10 @@ def _gemv_t_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     b_begin = tl.program_id(1) * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     zero = tl.zeros([BLOCK_N], dtype=tl.uint32)
-    prow = p_ptr + rows * stride_pn
+    if TILED:
+        prow = p_ptr + tl.program_id(0).to(tl.int64) * (n_blocks * W * BLOCK_N) + tl.arange(0, BLOCK_N)
+    else:
+        prow = p_ptr + rows * stride_pn
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for blk in range(b_begin, b_end):
         grp = blk // GB if GB > 0 else 0
