@@ -151,70 +151,7 @@ def prefill_bench(qmods: list, dense: list) -> list[dict]:
     return rows
 
 
-class GraphDecoder:
-    """Greedy decode with a static KV cache; each step is one replay of a captured CUDA graph."""
-
-    def __init__(self, model, max_len: int, use_graph: bool = True, compile_step: bool = False):
-        from transformers import StaticCache
-
-        self.model = model
-        # torch.compile fuses the small non-linear ops (norms, RoPE, residuals) of the one-token
-        # step; the quantized linears stay one custom op each (quantlrm::qmatmul).
-        self.fwd = torch.compile(model.forward, dynamic=False) if compile_step else model.forward
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-        self.pos = torch.zeros(1, dtype=torch.long, device="cuda")
-        self.graph = None
-        self.use_graph = use_graph
-
-    @torch.no_grad()
-    def _step(self) -> torch.Tensor:
-        out = self.fwd(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
-        nxt = out.logits[:, -1, :].argmax(-1)
-        self.tok.copy_(nxt.view(1, 1))
-        self.pos.add_(1)
-        return nxt
-
-    @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        self.cache.reset()
-        p = ids.shape[1]
-        out = self.model(input_ids=ids, past_key_values=self.cache,
-                         cache_position=torch.arange(p, device="cuda"), use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1, :].argmax(-1)
-        self.tok.copy_(nxt.view(1, 1))
-        self.pos.fill_(p)
-        return nxt
-
-    @torch.no_grad()
-    def capture(self, ids: torch.Tensor) -> None:
-        self.prefill(ids)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream().wait_stream(s)
-        self.prefill(ids)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self.out = self._step()
-        self.graph = g
-
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        toks = torch.empty(new_tokens, dtype=torch.long, device="cuda")
-        toks[0] = self.prefill(ids)[0]
-        for t in range(1, new_tokens):
-            if self.graph is not None:
-                self.graph.replay()
-                toks[t] = self.out[0]
-            else:
-                toks[t] = self._step()[0]
-        return toks
-
-
-def kernel_profile(dec: GraphDecoder, ids: torch.Tensor, steps: int = 5) -> dict:
+def kernel_profile(dec, ids: torch.Tensor, steps: int = 5) -> dict:
     """The GPU kernels of one decode step (torch.profiler over `steps` graph replays, or eager
     steps without a graph): how many launches a token costs and where its time goes, per kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -223,7 +160,7 @@ def kernel_profile(dec: GraphDecoder, ids: torch.Tensor, steps: int = 5) -> dict
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            dec.graph.replay() if dec.graph is not None else dec._step()
+            dec.graph.replay() if dec.graph is not None else dec.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
@@ -260,7 +197,9 @@ def kernel_profile(dec: GraphDecoder, ids: torch.Tensor, steps: int = 5) -> dict
 def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_graph: bool,
                  compile_step: bool = False, profile_step: bool = False) -> dict:
     max_len = max(p.shape[1] for p in prompts_ids) + new_tokens + 8
-    dec = GraphDecoder(model, max_len, compile_step=compile_step)
+    from quantlrm.decoding import Decoder  # the loop quantlrm.generate runs
+
+    dec = Decoder(model, max_len, compile=compile_step, graph=use_graph)
     graph_ok = False
     if use_graph:
         try:
@@ -270,7 +209,7 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
             graph_ok = True
         except Exception as e:  # noqa: BLE001 -- reported in the results, then eager
             print(f"compile or CUDA graph capture failed ({type(e).__name__}: {e}); timing the eager loop", flush=True)
-            dec = GraphDecoder(model, max_len)
+            dec = Decoder(model, max_len, compile=False, graph=False)
     dec.generate(prompts_ids[0], 8)
     lat, first = [], None
     for ids in prompts_ids:
@@ -283,6 +222,19 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
     med = statistics.median(lat)
     res = dict(graph=graph_ok, compiled=compile_step and graph_ok, latencies_s=lat, median_latency_s=med,
                tok_per_s=new_tokens / med, first_tokens=first[:16].tolist())
+    # the public API on the same decoder (handed over, so nothing compiles again): its wrapper's cost
+    import quantlrm
+
+    model._quantlrm_decoder = dec
+    api = []
+    for ids in prompts_ids:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        quantlrm.generate(model, ids, new_tokens, eos_token_id=[], compile=dec.compiled)
+        torch.cuda.synchronize()
+        api.append(time.perf_counter() - t0)
+    res["quantlrm_generate_tok_per_s"] = new_tokens / statistics.median(api)
+    del model._quantlrm_decoder
     if profile_step:
         try:
             res["profile"] = kernel_profile(dec, prompts_ids[0])
@@ -445,13 +397,15 @@ def main() -> None:
             r["hf_generate_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens)
         if args.hf_static and (comp or not args.compile):  # once per precision
             r["hf_static_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens, "static")
-            print(f"  model.generate(cache_implementation='static'): {r['hf_static_tok_per_s']:.1f} tok/s", flush=True)
         res["decode"][label] = r
         dump()
         print(f"decode {label}: median {r['median_latency_s'] * 1e3:.0f} ms / {args.new_tokens} tokens = "
               f"{r['tok_per_s']:.1f} tok/s (graph={r['graph']}, compiled={r['compiled']}, setup "
               f"{r['setup_s']:.0f}s); HF generate {r.get('hf_generate_tok_per_s', float('nan')):.1f} tok/s",
               flush=True)
+        print(f"  quantlrm.generate (same decoder): {r['quantlrm_generate_tok_per_s']:.1f} tok/s" +
+              (f"; model.generate(cache_implementation='static'): {r['hf_static_tok_per_s']:.1f} tok/s"
+               if "hf_static_tok_per_s" in r else ""), flush=True)
         prof = r.get("profile") or {}
         if "by_kind" in prof:
             print(f"  kernels per token: {prof['launches_per_token']:.0f} launches, "

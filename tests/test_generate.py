@@ -1,0 +1,78 @@
+"""quantlrm.generate: the same greedy tokens as transformers' generate, EOS, reuse, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantlrm
+from quantlrm.errors import QuantLRMError
+from quantlrm.models import build_model, tiny_config
+
+
+def _hf_greedy(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=256)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_matches_transformers_greedy_and_reuses_its_cache(model_type):
+    model = build_model(tiny_config(model_type), seed=3)
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _hf_greedy(model, ids, 20)
+    got = quantlrm.generate(model, ids, 20, eos_token_id=[])
+    assert torch.equal(got, want)
+    dec = model._quantlrm_decoder
+    ids2 = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
+    got2 = quantlrm.generate(model, ids2, 9, eos_token_id=[])
+    assert model._quantlrm_decoder is dec  # fits the cache: no new cache or graph
+    with torch.no_grad():
+        assert torch.equal(got2, _hf_greedy(model, ids2, 9))
+    quantlrm.generate(model, ids2, 300, eos_token_id=[])
+    assert model._quantlrm_decoder is not dec and model._quantlrm_decoder.max_len >= 311
+
+
+@pytest.mark.parametrize("stop_at", [0, 5, 17, 19])
+def test_stops_after_the_first_eos(stop_at):
+    model = build_model(tiny_config("llama"), seed=4)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    full = quantlrm.generate(model, ids, 20, eos_token_id=[])[0, 5:]
+    eos = int(full[stop_at])
+    first = int((full == eos).nonzero()[0, 0])  # the token may occur earlier too
+    got = quantlrm.generate(model, ids, 20, eos_token_id=[eos, 100000])
+    assert torch.equal(got[0, 5:], full[:first + 1])
+    model.generation_config.eos_token_id = eos  # the default comes from the model
+    assert torch.equal(quantlrm.generate(model, ids, 20), got)
+
+
+def test_bad_input_is_named():
+    model = build_model(tiny_config("llama"), seed=0)
+    with pytest.raises(QuantLRMError, match="one prompt"):
+        quantlrm.generate(model, torch.zeros(2, 4, dtype=torch.long), 4)
+    with pytest.raises(QuantLRMError, match="at least 1"):
+        quantlrm.generate(model, torch.zeros(1, 4, dtype=torch.long), 0)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(QuantLRMError, match="max_position_embeddings"):
+        quantlrm.generate(model, torch.zeros(1, 4, dtype=torch.long), limit)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled step, CUDA graph)")
+def test_gpu_graph_decode_of_a_quantized_export(tmp_path):
+    """load_quantized + quantlrm.generate (compiled, CUDA graph, fused attention): every token is
+    the model's own greedy choice, up to near-ties, checked by one teacher-forced forward."""
+    from test_kernels import _export_tiny
+
+    from quantlrm.nn import load_quantized
+
+    for model_type in ("llama", "qwen3"):
+        _export_tiny(tmp_path / model_type, 4, 32, model_type=model_type)
+        qm = load_quantized(tmp_path / model_type)
+        ids = torch.randint(0, 256, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        out = quantlrm.generate(qm, ids, 40, eos_token_id=[])
+        assert out.shape == (1, 49) and model_type and qm._quantlrm_decoder.graph is not None
+        with torch.no_grad():
+            logits = qm(out).logits[0, 8:-1].float()  # the logits that chose each new token
+        chosen = logits.gather(1, out[0, 9:, None])[:, 0]
+        assert bool((logits.max(1).values - chosen <= 2e-2 * logits.abs().max()).all()), model_type
+        assert float((logits.argmax(1) == out[0, 9:]).float().mean()) >= 0.9, model_type
