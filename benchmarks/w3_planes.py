@@ -42,7 +42,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from quantlrm.kernels.triton_kernels import _WIDEN_ASM, _store_rows  # noqa: E402
+from quantlrm.kernels.triton_kernels import _WIDEN_ASM, _f16, _store_rows, _u16  # noqa: E402
 
 B = 128  # channels per block
 
@@ -99,16 +99,6 @@ fma.rn.f16x2 $0, v, $8, $1;
 def _pair3(acc, src, mlo, hsrc, mhi, mult, nz, x):
     return tl.inline_asm_elementwise(_PAIR3_ASM, "=r,r,r,r,r,r,r,r,r", [acc, src, mlo, hsrc, mhi, mult, nz, x],
                                      dtype=tl.uint32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _f16(v):  # the fp16 in the low 16 bits of a uint32, as fp32
-    return (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _u16(f):  # fp32 -> fp16 bits in a uint32
-    return f.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
 
 
 @triton.jit

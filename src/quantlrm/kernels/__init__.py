@@ -227,31 +227,16 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     u = cfg.blocks_per_step if cfg.half2 else 1
     per = tk.cdiv(tk.cdiv(nb, cfg.split_k), u) * u  # a split is whole steps
     split = tk.cdiv(nb, per)
-    gemv = cfg.kind in ("gemv", "gemv_t")
-    if gemv and (m > MAX_GEMV_ROWS or ((cfg.half2 or cfg.kind == "gemv_t") and m != 1)):
-        raise ValueError(f"the GEMV configurations take 1 (half2, rows in lanes) or up to {MAX_GEMV_ROWS} "
-                         "activation rows")
+    gemv = cfg.kind == "gemv"
+    if gemv and (m > MAX_GEMV_ROWS or (cfg.half2 and m != 1)):
+        raise ValueError(f"the GEMV configurations take 1 (half2) or up to {MAX_GEMV_ROWS} activation rows")
     ws = _workspace(x2.device, n * m, split, tk.cdiv(n, cfg.block_n)) if gemv else None
     atomic = split > 1 and ws is None
     fused_act = act and gemv and not atomic
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n // 2 if fused_act else n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
-    if cfg.kind == "gemv_t":
-        tiled = kw.packed.dim() == 3  # [N / block_n, words, block_n]: see _gemv_t_kernel
-        if tiled and kw.packed.shape[2] != cfg.block_n:
-            raise ValueError("a row-tiled weight runs only with its own tile height")
-        gb = 0 if kw.group_size == k else kw.group_size // kw.block
-        xin = torch.nn.functional.pad(x2, (0, 1)) if k % 2 else x2
-        wsp, cnt = ws if ws is not None else (y, y)
-        tk._gemv_t_kernel[(tk.cdiv(n, cfg.block_n), split)](
-            xin.view(torch.int32), kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
-            0 if tiled else kw.packed.stride(0), cfg.block_n if tiled else kw.packed.stride(1), kw.scale.stride(0),
-            P=kw.per_word, GB=gb, TILED=tiled,
-            BLOCK_N=cfg.block_n, EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
-            MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act,
-            EMULATE=os.environ.get("TRITON_INTERPRET") == "1", **common)
-    elif cfg.kind == "gemv":
+    if cfg.kind == "gemv":
         grid = (tk.cdiv(n, cfg.block_n), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
         xin = x2.float() if cfg.x32 and not cfg.half2 else x2
@@ -265,7 +250,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
         if cfg.half2:
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.packed.stride(0), kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
-                                     FULL=nb % per == 0, **meta)
+                                     FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
+                                     **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

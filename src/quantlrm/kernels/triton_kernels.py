@@ -296,14 +296,16 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                    PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr):
+                    PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
+                    EMULATE: tl.constexpr = False):
     # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, W_PAD] words, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
     # one load's latency per block, not by bandwidth). Code pair p of word j of block u
     # multiplies the activation pair p*W + j of that block. FULL (host-checked): every step
     # holds U whole blocks of this split and W == W_PAD, so no load needs a mask.
-    # PREFETCH: the next step's words are loaded before this step is decoded.
+    # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
+    # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
     H: tl.constexpr = P // 2
     FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -354,9 +356,16 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             else:
                 inb = (2 * (p * W + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
                 xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
-            h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
-        part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True, pack=1)
-        acc3 += part.to(tl.float32, bitcast=True) * (s * 16.0)
+            if EMULATE:
+                h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
+            else:
+                h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
+        if EMULATE:
+            part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
+        else:
+            part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
+                                             pack=1).to(tl.float32, bitcast=True)
+        acc3 += part * (s * 16.0)
     if W != W_PAD:
         acc3 = tl.where(jj < W, acc3, 0.0)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
@@ -386,73 +395,3 @@ def _h2_pair_emulated(acc, src, mask, mult, nz, x):
     hi = (_f16(v >> 16) * _f16(mult >> 16) + _f16(nz >> 16)).to(tl.float16).to(tl.float32) * _f16(x >> 16) \
         + _f16(acc >> 16)
     return _u16(lo) | (_u16(hi) << 16)
-
-
-@triton.jit
-def _gemv_t_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
-                   N, K, n_blocks, blocks_per_split, stride_pn, stride_pk, stride_s,
-                   BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                   GB: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                   MODE: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr, TILED: tl.constexpr = False):
-    # TILED: the words are stored per row tile ([N / BLOCK_N, n_blocks * W, BLOCK_N]), so a
-    # program's words for one block are one contiguous run (stride_pk is then BLOCK_N).
-    # Rows in lanes: a thread owns BLOCK_N / (32 * num_warps) neighbouring rows and walks the
-    # words of a block one word index at a time. With the words stored column-major
-    # (stride_pn == 1: word j of neighbouring rows is contiguous) a thread's rows arrive in one
-    # wide load, the activation pair of a code pair is the same for all rows (one uniform
-    # scalar load, reused by every row of the thread), and no lane is padding: W3's 13-word
-    # blocks are walked as 13 unrolled steps instead of a 16-lane tile with 3 lanes masked off.
-    # A pair costs its one and-or and two half2 fmas (`_PAIR_ASM`), widened to fp32 per word.
-    H: tl.constexpr = P // 2
-    FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rows < N
-    b_begin = tl.program_id(1) * blocks_per_split
-    b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
-    zero = tl.zeros([BLOCK_N], dtype=tl.uint32)
-    if TILED:
-        prow = p_ptr + tl.program_id(0).to(tl.int64) * (n_blocks * W * BLOCK_N) + tl.arange(0, BLOCK_N)
-    else:
-        prow = p_ptr + rows * stride_pn
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for blk in range(b_begin, b_end):
-        grp = blk // GB if GB > 0 else 0
-        s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float16)
-        tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(W):
-            pw = prow + (blk * W + j) * stride_pk
-            if EVEN_N:
-                words = tl.load(pw)
-            else:
-                words = tl.load(pw, mask=mask_n, other=0)
-            words = words.to(tl.uint32, bitcast=True)
-            shifted = words >> (BITS * FIT)
-            h = zero
-            for p in tl.static_range(H):
-                if 2 * (p * W + j) < B:  # (the last word's last pairs are the block's padding)
-                    R = BITS * (p % FIT)
-                    src = words if p < FIT else shifted
-                    nz16 = (z * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-                    nz = nz16 | (nz16 << 16)
-                    mult = zero + ((11 - R) << 10) * 0x10001
-                    mask = zero + (((1 << BITS) - 1) << R) * 0x10001
-                    kp = blk * (B // 2) + p * W + j
-                    if EVEN_K:
-                        xp = tl.load(x_ptr + kp)
-                    else:
-                        xp = tl.load(x_ptr + kp, mask=2 * kp < K, other=0)
-                    xv = zero + xp.to(tl.uint32, bitcast=True)
-                    if EMULATE:
-                        h = _h2_pair_emulated(h, src, mask, mult, nz, xv)
-                    else:
-                        h = _h2_pair(h, src, mask, mult, nz, xv)
-            if EMULATE:
-                part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
-            else:
-                part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
-                                                 pack=1).to(tl.float32, bitcast=True)
-            tot += part
-        acc += tot * (s * 16.0)
-    _store_rows(acc[None, :], y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1),
-                MODE, BLOCK_N, ACT)
