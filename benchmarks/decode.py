@@ -201,7 +201,7 @@ def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_gr
 
     dec = Decoder(model, max_len, compile=compile_step, graph=use_graph)
     graph_ok = False
-    if use_graph:
+    if use_graph and dec.use_graph:  # (not for sliding-window layers beyond their window: eager)
         try:
             for ids in prompts_ids:  # warm-up: compiles and tunes every batch bucket first
                 dec.prefill(ids)

@@ -45,8 +45,69 @@ def test_stops_after_the_first_eos(stop_at):
     assert torch.equal(quantlrm.generate(model, ids, 20), got)
 
 
+class _Replay:
+    """A traced step standing in for a captured CUDA graph: like a graph, the trace keeps tensor
+    ops only and freezes any Python state (make_fx), so a frozen position shows up on CPU."""
+
+    def __init__(self, gm):
+        self.gm = gm
+
+    def replay(self):
+        self.gm()
+
+
+@pytest.mark.parametrize("model_type", ["olmo3", "mistral", "llama"])
+def test_a_frozen_step_gives_transformers_tokens(model_type):
+    """Sliding-window cache layers keep their length in a Python int; a graph of the step would
+    freeze it. Within the window the decoder uses full-attention layers, so the frozen step is
+    still right (OLMo-3 and Mistral have a 4096 window here)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from quantlrm.decoding import Decoder
+
+    model = build_model(tiny_config(model_type), seed=1)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _hf_greedy(model, ids, 30)[0, 6:]
+    dec = Decoder(model, 256, compile=False, graph=False)
+    assert not any(getattr(layer, "is_sliding", False) for layer in dec.cache.layers)
+    dec.prefill(ids)
+    with torch.no_grad():
+        gm = make_fx(lambda: dec.step())()
+    dec.graph, dec.out = _Replay(gm), dec.tok.view(1)
+    assert torch.equal(dec.generate(ids, 30), want)
+
+
+def test_beyond_the_window_the_cache_keeps_sliding_layers():
+    from quantlrm.decoding import Decoder
+
+    model = build_model(tiny_config("mistral", sliding_window=16), seed=2)
+    dec = Decoder(model, 256)
+    assert any(getattr(layer, "is_sliding", False) for layer in dec.cache.layers)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(quantlrm.generate(model, ids, 12, eos_token_id=[]), _hf_greedy(model, ids, 12))
+
+
+def test_reused_decoder_follows_a_dtype_change():
+    model = build_model(tiny_config("llama"), seed=5)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    quantlrm.generate(model, ids, 4, eos_token_id=[])
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        want = _hf_greedy(model, ids, 4)
+    assert torch.equal(quantlrm.generate(model, ids, 4, eos_token_id=[]), want)
+
+
 def test_bad_input_is_named():
     model = build_model(tiny_config("llama"), seed=0)
+    for bad in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 3)):
+        with pytest.raises(QuantLRMError, match="non-empty integer prompt"):
+            quantlrm.generate(model, bad, 4)
+    with pytest.raises(QuantLRMError, match="vocabulary"):
+        quantlrm.generate(model, torch.full((1, 3), model.config.vocab_size), 4)
+    with pytest.raises(QuantLRMError, match="whole number"):
+        quantlrm.generate(model, torch.zeros(1, 3, dtype=torch.long), 4.0)
     with pytest.raises(QuantLRMError, match="one prompt"):
         quantlrm.generate(model, torch.zeros(2, 4, dtype=torch.long), 4)
     with pytest.raises(QuantLRMError, match="at least 1"):
@@ -54,6 +115,17 @@ def test_bad_input_is_named():
     limit = model.config.max_position_embeddings
     with pytest.raises(QuantLRMError, match="max_position_embeddings"):
         quantlrm.generate(model, torch.zeros(1, 4, dtype=torch.long), limit)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (captured graph)")
+@pytest.mark.parametrize("cfg", [dict(model_type="olmo3"), dict(model_type="mistral", sliding_window=4096)])
+def test_gpu_sliding_window_models_match_transformers(cfg):
+    model = build_model(tiny_config(**cfg), seed=1).cuda()
+    ids = torch.randint(0, 256, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        want = _hf_greedy(model, ids, 24)
+    assert torch.equal(quantlrm.generate(model, ids, 24, eos_token_id=[]), want)
 
 
 @pytest.mark.gpu

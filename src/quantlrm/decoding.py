@@ -12,6 +12,7 @@ Greedy only, batch 1: for sampling or batches use `model.generate`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 
@@ -40,14 +41,34 @@ class Decoder:
 
         self.model = model
         self.device = next(model.parameters()).device
+        self.dtype = model.get_input_embeddings().weight.dtype
         self.max_len = max_len
         on_cuda = self.device.type == "cuda"
+        # A sliding-window cache layer keeps its length in a Python int (next position, mask
+        # offset, when to roll), which a compiled or captured step would freeze: wrong tokens
+        # from the second step on. While prompt + new tokens fit the window, the window never
+        # acts, so full-attention cache layers give the same tokens; beyond it, decode eagerly.
+        cfg = model.config
+        window = getattr(cfg, "sliding_window", None)
+        self.cache = StaticCache(config=cfg, max_cache_len=max_len)
+        eager_only = False
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            if window is not None and max_len <= window:
+                full = copy.deepcopy(cfg)
+                full.sliding_window = None
+                if getattr(full, "layer_types", None):
+                    full.layer_types = ["full_attention"] * len(full.layer_types)
+                self.cache = StaticCache(config=full, max_cache_len=max_len)
+            else:
+                eager_only = on_cuda and (compile or graph)
+                if eager_only:
+                    warnings.warn(f"prompt + new tokens ({max_len} with rounding) exceed the sliding window "
+                                  f"({window}); decoding eagerly (no compile, no CUDA graph)", stacklevel=3)
         # torch.compile fuses the small ops of the one-token step (norms, residuals); each
         # quantized linear stays one opaque custom op (quantlrm::qmatmul)
         self.compiled = compile and on_cuda  # as asked (a failed capture keeps it: no retry per call)
-        self.fwd = torch.compile(model.forward, dynamic=False) if self.compiled else model.forward
-        self.use_graph = graph and on_cuda
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.fwd = torch.compile(model.forward, dynamic=False) if self.compiled and not eager_only else model.forward
+        self.use_graph = graph and on_cuda and not eager_only
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -56,7 +77,8 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One token: reads `tok` at `pos`, writes the next token to `tok`, advances `pos`."""
+        """One token: reads `tok`, writes the next one there. The position comes from the cache's
+        own (tensor) length; `pos` is passed along for models whose forward reads it."""
         out = self.fwd(input_ids=self.tok, cache_position=self.pos, use_cache=True, **{self.kw: self.cache})
         nxt = out.logits[:, -1, :].argmax(-1)
         self.tok.copy_(nxt.view(1, 1))
@@ -146,8 +168,16 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 25
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise QuantLRMError(f"quantlrm.generate decodes one prompt; got input_ids of shape {tuple(input_ids.shape)}.",
                             "pass a [1, length] tensor, or use model.generate for batches.")
-    if max_new_tokens < 1:
-        raise QuantLRMError(f"max_new_tokens must be at least 1, not {max_new_tokens}.", "ask for one token or more.")
+    if input_ids.shape[1] == 0 or input_ids.dtype not in (torch.long, torch.int32):
+        raise QuantLRMError(f"input_ids must be a non-empty integer prompt; got shape {tuple(input_ids.shape)}, "
+                            f"dtype {input_ids.dtype}.", "pass the tokenizer's ids (torch.long), at least one token.")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+        raise QuantLRMError(f"input_ids hold token ids outside the model's vocabulary (0..{vocab - 1}).",
+                            "tokenize with the model's own tokenizer.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QuantLRMError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}.",
+                            "ask for one token or more.")
     device = next(model.parameters()).device
     if input_ids.device != device:
         input_ids = input_ids.to(device)
@@ -158,6 +188,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 25
                             "shorten the prompt or ask for fewer new tokens.")
     dec = getattr(model, "_quantlrm_decoder", None)
     if (dec is None or dec.max_len < need or dec.device != device
+            or dec.dtype != model.get_input_embeddings().weight.dtype
             or dec.compiled != (compile and device.type == "cuda")):
         max_len = -(-need // _ROUND) * _ROUND
         if limit is not None:
