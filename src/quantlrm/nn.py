@@ -235,6 +235,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cuda", dtype:
     attention kernel (with a static cache also RoPE and the cache write) and leaves everything
     else to SDPA (`quantlrm.attention`); any name transformers knows works too.
     Packed models run on a CUDA GPU; on a CPU-only machine this raises QuantLRMError.
+    For batch-1 greedy decoding at the kernels' speed use `quantlrm.generate(model, ids)`:
+    `model.generate` works too, but adds host work per token (BENCHMARKS.md, Kernels).
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
