@@ -130,7 +130,8 @@ def run_rows_in_lanes(x2: torch.Tensor, kw, cfg) -> torch.Tensor:
     split = triton.cdiv(nb, per)
     ws = _workspace(x2.device, n, split, triton.cdiv(n, cfg.block_n))
     atomic = split > 1 and ws is None
-    y = torch.zeros(1, n, dtype=torch.float32 if atomic else x2.dtype, device=x2.device)
+    # as run_config does (and as runs 21-22 ran): a zero fill only where splits add atomically
+    y = torch.zeros(1, n, dtype=torch.float32, device=x2.device) if atomic else x2.new_empty(1, n)
     wsp, cnt = ws if ws is not None else (y, y)
     xin = torch.nn.functional.pad(x2, (0, 1)) if k % 2 else x2
     _gemv_t_kernel[(triton.cdiv(n, cfg.block_n), split)](
@@ -178,6 +179,15 @@ def per_call(run_config, cfg, weights, x) -> float:
     return graph_time(lambda: [run_config(x, w, cfg) for w in weights]) / len(weights)
 
 
+def trial(res: dict, row: dict, kind: str, cfg, x, ref, real_w, weights) -> tuple[float, float]:
+    """Error on the real weight and seconds per call over the copies; recorded in res["rows"]."""
+    err = ((run_rows_in_lanes(x, real_w, cfg).float() - ref).abs().max() / ref.abs().max()).item()
+    t = per_call(run_rows_in_lanes, cfg, weights, x)
+    res["rows"].append(dict(bits=row["bits"], linear=row["linear"], kind=kind, config=repr(cfg), us=t * 1e6,
+                            GBps=row["nbytes"] / t / 1e9, relerr=err))
+    return t, err
+
+
 def main() -> None:
     from quantlrm.kernels import Config, choose, reference_matmul, run_config
     from quantlrm.kernels.layout import from_codes
@@ -207,36 +217,28 @@ def main() -> None:
                                     us=t_prod * 1e6, GBps=nbytes / t_prod / 1e9))
             print(f"W{bits} {name}: product {prod_cfg}: {t_prod * 1e6:.1f} us = {nbytes / t_prod / 1e9:.0f} GB/s",
                   flush=True)
-            cm = [col_major(w) for w in copies]
-            real_cm = col_major(real)
+            row = dict(bits=bits, linear=name, nbytes=nbytes)
+            cm, real_cm = [col_major(w) for w in copies], col_major(real)
             best = None
             for bn, warps in TILES:
                 for sk in splits(n, bn, real.n_blocks):
                     cfg = Config("gemv_t", block_n=bn, num_warps=warps, split_k=sk)
-                    y = run_rows_in_lanes(x, real_cm, cfg).float()
-                    err = ((y - ref).abs().max() / ref.abs().max()).item()
-                    t = per_call(run_rows_in_lanes, cfg, cm, x)
-                    res["rows"].append(dict(bits=bits, linear=name, kind="rows_in_lanes", config=repr(cfg),
-                                            us=t * 1e6, GBps=nbytes / t / 1e9, relerr=err))
+                    t, err = trial(res, row, "rows_in_lanes", cfg, x, ref, real_cm, cm)
                     if best is None or t < best[0]:
                         best = (t, cfg, err)
+            del cm
             t, cfg, err = best
-            for tcfg in sorted({(c.block_n, c.num_warps, c.split_k) for c in [cfg]} |
-                               {(bn, w, s) for bn, w in ((512, 4), (1024, 8), (256, 2)) for s in splits(n, bn, real.n_blocks)}):
-                bn, warps, sk = tcfg
+            tiled = {(cfg.block_n, cfg.num_warps, cfg.split_k)} | {
+                (bn, w, s) for bn, w in ((512, 4), (1024, 8), (256, 2)) for s in splits(n, bn, real.n_blocks)}
+            for bn, warps, sk in sorted(tiled):
                 c = Config("gemv_t", block_n=bn, num_warps=warps, split_k=sk)
-                tl_ = [row_tiled(w, bn) for w in copies]
-                y = run_rows_in_lanes(x, row_tiled(real, bn), c).float()
-                err2 = ((y - ref).abs().max() / ref.abs().max()).item()
-                t2 = per_call(run_rows_in_lanes, c, tl_, x)
-                res["rows"].append(dict(bits=bits, linear=name, kind="rows_in_lanes_tiled", config=repr(c),
-                                        us=t2 * 1e6, GBps=nbytes / t2 / 1e9, relerr=err2))
+                t2, err2 = trial(res, row, "rows_in_lanes_tiled", c, x, ref, row_tiled(real, bn),
+                                 [row_tiled(w, bn) for w in copies])
                 print(f"W{bits} {name}: tiled {bn}/{warps}/{sk}: {t2 * 1e6:.1f} us = {nbytes / t2 / 1e9:.0f} GB/s "
                       f"({t_prod / t2:.2f}x the product), rel. error {err2:.1e}", flush=True)
-                del tl_
             print(f"W{bits} {name}: rows in lanes best {cfg}: {t * 1e6:.1f} us = {nbytes / t / 1e9:.0f} GB/s "
                   f"({t_prod / t:.2f}x the product), rel. error {err:.1e}", flush=True)
-            del copies, cm
+            del copies
             torch.cuda.empty_cache()
             res["wall_s"] = time.time() - t0
             Path(args.out).write_text(json.dumps(res, indent=1))  # (each shape: a cut-off run keeps its rows)

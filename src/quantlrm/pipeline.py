@@ -949,8 +949,8 @@ def _process_layer(skel, arch, ckpt, i, xs, kw, opts, importance, work: WorkDir,
     layer = skel.load_layer(i)
     call = _layer_call(kw)
     clip_linears = [s for s in arch.linears if s not in CLIP_SKIP] if opts.use_clip else []
-    # RTN (with or without GPTQ rounding) searches nothing: no group inputs held (for a 7B layer
-    # at 128 x 512 tokens, ~3.5 GB of fp16 activations)
+    # RTN (with or without GPTQ rounding) searches nothing: the scale groups' inputs over all
+    # calibration tokens are not held
     cap = capture_layer(layer, arch, xs, call, clip_linears, hessians=opts.rounding == "gptq",
                         groups=opts.method != "rtn")
     _check_finite(cap.outputs, f"layer {i}")
