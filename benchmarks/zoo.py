@@ -398,10 +398,12 @@ class ModelRun:
     def signals(self, base: str, tuned: str) -> Path:
         from quantlrm.signals import compute_signals, save_signals
 
+        d = self.work / f"signals-{base}-{tuned}"
+        if (d / "importance.safetensors").exists():
+            return d  # finished by an earlier call (--resume)
         t0 = time.time()
         sig = compute_signals(self.dirs[base], self.dirs[tuned], variant="both-ends", device=self.device,
                               progress=False)
-        d = self.work / f"signals-{base}-{tuned}"
         save_signals(sig, d)
         st = {k: v for k, v in sig.stats.items() if k != "modules"}
         self.res.setdefault("signals", {})[f"{base}->{tuned}"] = {"seconds": round(time.time() - t0, 2),
