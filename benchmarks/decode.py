@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -316,7 +315,6 @@ def main() -> None:
     import triton
 
     res["transformers"], res["triton"] = transformers.__version__, triton.__version__
-    res["pdl"] = os.environ.get("QUANTLRM_PDL", "1") != "0"  # programmatic dependent launch of the GEMVs
     peak = copy_bandwidth()
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)

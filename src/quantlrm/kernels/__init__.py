@@ -10,7 +10,6 @@ CUDA graph is being captured never time anything: warm up before capturing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -206,23 +205,6 @@ def _workspace(device: torch.device, n: int, split: int, tiles: int) -> tuple[to
     return workspace(device, split * n, tiles) if split > 1 else None
 
 
-@functools.cache
-def _pdl_on(index: int) -> bool:
-    from quantlrm.kernels import triton_kernels as tk
-
-    return tk.gdc_wait is not None and torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def _pdl(device: torch.device) -> dict:
-    """Programmatic dependent launch for the half2 GEMV on Hopper and newer (QUANTLRM_PDL=0
-    turns it off): it overlaps the kernel's launch and first weight load with the kernel before."""
-    if device.type != "cuda" or os.environ.get("QUANTLRM_PDL", "1") == "0" \
-            or os.environ.get("TRITON_INTERPRET") == "1":
-        return {}
-    on = _pdl_on(device.index if device.index is not None else torch.cuda.current_device())
-    return {"PDL": True, "launch_pdl": True} if on else {}
-
-
 def gated(y: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of interleaved (gate, up) columns [..., 2I] -> [..., I], in fp32."""
     g, u = y.float().unflatten(-1, (-1, 2)).unbind(-1)
@@ -269,7 +251,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.packed.stride(0), kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     **meta, **_pdl(x2.device))
+                                     **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

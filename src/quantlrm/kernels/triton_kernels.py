@@ -20,11 +20,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-try:  # triton >= 3.3; without it the GEMV runs without programmatic dependent launch
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_wait = None
-
 _MAGIC = tl.constexpr(0x4B000000)  # fp32 bit pattern of 2^23
 _TWO23 = tl.constexpr(8388608.0)
 
@@ -302,7 +297,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
-                    EMULATE: tl.constexpr = False, PDL: tl.constexpr = False):
+                    EMULATE: tl.constexpr = False):
     # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, W_PAD] words, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -311,10 +306,6 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # holds U whole blocks of this split and W == W_PAD, so no load needs a mask.
     # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
     # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
-    # PDL (launched with programmatic dependent launch, Hopper+): the program may start while
-    # the kernel before it is still finishing; it reads only the constant weights (the first
-    # step's words, with PREFETCH) before `gdc_wait`, and the activations, workspace and output
-    # after it, so the launch gap and the first load's latency overlap the previous kernel.
     H: tl.constexpr = P // 2
     FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -329,8 +320,6 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     wmask = (r3 < N) & (jj < W)
     if PREFETCH:
         nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin + uu < b_end), other=0)
-    if PDL:
-        gdc_wait()
     for blk in range(b_begin, b_end, U):
         if PREFETCH:
             words = nxt
