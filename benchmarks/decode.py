@@ -397,6 +397,11 @@ def main() -> None:
             r["hf_generate_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens)
         if args.hf_static and (comp or not args.compile):  # once per precision
             r["hf_static_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens, "static")
+        if prec != "fp16":  # the tile each linear shape got from the tuner (it times candidates; noisy)
+            from quantlrm.kernels import _TUNED
+
+            r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}": describe(c)
+                          for key, c in _TUNED.items() if key[3] == int(prec[1])}
         res["decode"][label] = r
         dump()
         print(f"decode {label}: median {r['median_latency_s'] * 1e3:.0f} ms / {args.new_tokens} tokens = "
