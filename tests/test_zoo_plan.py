@@ -94,5 +94,16 @@ def test_resume_reuses_the_trained_models_and_finished_rows(tmp_path):
     done = {(x["method"], x["setting"]) for x in second["rows"] if "avg" in x}
     assert {(x["method"], x["setting"]) for x in first["rows"] if "avg" in x} <= done
     assert ("RTN", "w3g128") in done
-    a = zoo.parse_args(["--out", str(tmp_path / "o3"), "--resume", "--level", "3", *common])
+    # signals saved by one call are reused by the next (a second save into their directory failed)
+    quant = ["--hard-settings", "", "--option-settings", "", "--gptq-settings", "", "--extras", "none", *common]
+    for i, settings in ((3, "w3g128"), (4, "w3g128,w4g128")):
+        r = subprocess.run([sys.executable, script, "--out", str(tmp_path / f"o{i}"), "--budget", "200", "--resume",
+                            "--full-settings", settings, "--main-methods", "quantlrm", *quant],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads((tmp_path / "o4" / "toy-llama.json").read_text())
+    assert not last["errors"], last["errors"]
+    assert {("QuantLRM", "w3g128"), ("QuantLRM", "w4g128")} <= {(x["method"], x["setting"]) for x in last["rows"]
+                                                                 if "avg" in x}
+    a = zoo.parse_args(["--out", str(tmp_path / "o5"), "--resume", "--level", "3", *common])
     assert not zoo.ModelRun("toy-llama", a, zoo.Clock(time.time() + 60)).resume()  # other data: retrain
