@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -38,6 +39,10 @@ PROMPTS = [
 ]
 SHORTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
+# the 16-bit dtype of the model and activations (--dtype): fp16 runs the half2 GEMV, bf16 the
+# fp32-math GEMV unless QUANTLRM_BF16X2=1 (its bf16x2 form)
+HALF, DT = "fp16", torch.float16
 
 def llama8b_config(layers: int):
     from transformers import LlamaConfig
@@ -119,7 +124,7 @@ def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
         for prec, by_short in sets.items():
             mods = [m for _, m in by_short[short]]
             k = mods[0].in_features
-            x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+            x = torch.randn(1, k, dtype=DT, device="cuda")
 
             def run(mods=mods, x=x):
                 for m in mods:
@@ -139,7 +144,7 @@ def prefill_bench(qmods: list, dense: list) -> list[dict]:
 
     rows = []
     for m in (2, 16, 64, 256, 4096):
-        x = torch.randn(m, qmods[0].in_features, dtype=torch.float16, device="cuda")
+        x = torch.randn(m, qmods[0].in_features, dtype=DT, device="cuda")
         kws = [q.weight_layout for q in qmods]
         cfg = choose(x, kws[0])
         deq = Config("dequant", block_n=16)
@@ -288,6 +293,8 @@ def main() -> None:
     ap.add_argument("--fp16-qattn", action="store_true",
                     help="also time fp16 (compiled) with our attention, to separate its share of the speed-up")
     ap.add_argument("--bits", default="4,3", help="quantized precisions to build and time, e.g. '4' or '4,3'")
+    ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16",
+                    help="the model's 16-bit dtype (bf16: the fp32-math GEMV, or bf16x2 with QUANTLRM_BF16X2=1)")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
@@ -296,6 +303,8 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true",
                     help="skip the GEMV and prefill microbenchmarks (end-to-end decode only)")
     args = ap.parse_args()
+    global HALF, DT
+    HALF, DT = args.dtype, {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     from transformers import AutoModelForCausalLM
 
@@ -315,6 +324,7 @@ def main() -> None:
     import triton
 
     res["transformers"], res["triton"] = transformers.__version__, triton.__version__
+    res["bf16x2"] = os.environ.get("QUANTLRM_BF16X2") == "1"  # the half2 GEMV's bf16 form (opt-in)
     peak = copy_bandwidth()
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
@@ -324,7 +334,7 @@ def main() -> None:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DT).eval()
     dense = {n: m for lst in linears(model).values() for n, m in lst}
     quant = {}
     for bits in quant_bits:
@@ -336,12 +346,12 @@ def main() -> None:
         for short in ("q_proj", "down_proj"):
             qm = quant[bits][f"model.layers.0.mlp.{short}" if short == "down_proj" else f"model.layers.0.self_attn.{short}"]
             for m in (1,) if args.gemv_only else (1, 7, 64):
-                x = torch.randn(m, qm.in_features, device="cuda", dtype=torch.float16)
-                ref = x.float() @ qm.dequantized_weight(torch.float16).float().t()
+                x = torch.randn(m, qm.in_features, device="cuda", dtype=DT)
+                ref = x.float() @ qm.dequantized_weight(DT).float().t()
                 err = float((qm(x).float() - ref).norm() / ref.norm())
                 res["check_relerr"][f"W{bits} {short} M={m}"] = err
     print(f"kernel vs dequant-matmul max rel. error: {max(res['check_relerr'].values()):.2e}", flush=True)
-    res["weight_bytes"] = {"fp16": sum(module_bytes(m) for m in dense.values()),
+    res["weight_bytes"] = {HALF: sum(module_bytes(m) for m in dense.values()),
                            **{f"W{b}": sum(module_bytes(m) for m in q.values()) for b, q in quant.items()}}
     res["model_bytes_fp16_total"] = module_bytes(model)
     print(f"built + quantized in {time.time() - t_start:.0f}s; linear bytes {res['weight_bytes']}", flush=True)
@@ -350,7 +360,7 @@ def main() -> None:
         return {s: [(n, mods[n]) for n, _ in lst] for s, lst in linears(model).items()}
 
     with torch.no_grad():
-        sets = {"fp16": by_short(dense), **{f"W{b}": by_short(quant[b]) for b in quant_bits}}
+        sets = {HALF: by_short(dense), **{f"W{b}": by_short(quant[b]) for b in quant_bits}}
         res["gemv"] = [] if args.decode_only else gemv_bench(sets, peak)
         dump()
         for r in res["gemv"]:
@@ -358,7 +368,7 @@ def main() -> None:
                   f"{r['gbps']:6.0f} GB/s ({r['frac_copy_bw']:.0%} of copy bw) {r['chosen'] or ''}", flush=True)
         if args.gemv_only:
             return
-        dense_gate = [m for _, m in sets["fp16"]["gate_proj"]]
+        dense_gate = [m for _, m in sets[HALF]["gate_proj"]]
         res["prefill"] = [] if args.decode_only else [
             r for b in quant_bits for r in prefill_bench([m for _, m in sets[f"W{b}"]["gate_proj"]], dense_gate)]
         for r in res["prefill"]:
@@ -377,18 +387,18 @@ def main() -> None:
     # With --compile every precision is compiled alike; the uncompiled fp16 loop (what plain
     # transformers gives) is timed too, so both ratios come from the same run.
     qattn = register() if args.attention == "quantlrm" else "sdpa"
-    precs = ("fp16", *(f"W{b}" for b in quant_bits))
-    runs = [("fp16", False, "sdpa")] + [(p, True, "sdpa" if p == "fp16" else qattn) for p in precs] \
-        if args.compile else [(p, False, "sdpa" if p == "fp16" else qattn) for p in precs]
+    precs = (HALF, *(f"W{b}" for b in quant_bits))
+    runs = [(HALF, False, "sdpa")] + [(p, True, "sdpa" if p == HALF else qattn) for p in precs] \
+        if args.compile else [(p, False, "sdpa" if p == HALF else qattn) for p in precs]
     if args.fp16_qattn:
-        runs.insert(2 if args.compile else 1, ("fp16", args.compile, register()))
+        runs.insert(2 if args.compile else 1, (HALF, args.compile, register()))
     for prec, comp, attn in runs:
         label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "")
         model.config._attn_implementation = attn
         if attn != "sdpa" and not args.no_fused_attention:
             fuse_decode_attention(model)  # only takes effect while the attention is ours
-        set_linears(model, dense if prec == "fp16" else quant[int(prec[1])])
-        if prec != "fp16" and not args.no_fuse:
+        set_linears(model, dense if prec == HALF else quant[int(prec[1])])
+        if prec != HALF and not args.no_fuse:
             fuse_projections(model, gated=not args.no_gated)
         t0 = time.time()
         r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, comp, args.profile)
@@ -397,7 +407,7 @@ def main() -> None:
             r["hf_generate_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens)
         if args.hf_static and (comp or not args.compile):  # once per precision
             r["hf_static_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens, "static")
-        if prec != "fp16":  # the tile each linear shape got from the tuner (it times candidates; noisy)
+        if prec != HALF:  # the tile each linear shape got from the tuner (it times candidates; noisy)
             from quantlrm.kernels import _TUNED
 
             r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}": describe(c)
@@ -418,9 +428,9 @@ def main() -> None:
                   "; ".join(f"{k} {v['launches']:.0f} x = {v['us'] / 1e3:.2f} ms" for k, v in prof["by_kind"].items()),
                   flush=True)
     for label, r in res["decode"].items():
-        if label.startswith("fp16"):
+        if label.startswith(HALF):
             continue
-        for base in [b for b in res["decode"] if b.startswith("fp16") and "qattn" not in b]:
+        for base in [b for b in res["decode"] if b.startswith(HALF) and "qattn" not in b]:
             ratio = r["tok_per_s"] / res["decode"][base]["tok_per_s"]
             r[f"speedup_vs_{base}"] = ratio
             print(f"{label} speed-up over {base}: {ratio:.2f}x", flush=True)

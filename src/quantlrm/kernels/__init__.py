@@ -86,8 +86,12 @@ GEMV_CONFIGS = (
 
 
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
-    """The half2 GEMV runs fp16 activations with 2-4 bit codes, compiled only (inline PTX)."""
-    return dtype == torch.float16 and kw.bits <= 4 and os.environ.get("TRITON_INTERPRET") != "1"
+    """The half2 GEMV runs fp16 activations with 2-4 bit codes, compiled only (inline PTX). Its
+    bf16x2 form (bf16 activations) is opt-in with QUANTLRM_BF16X2=1 until it has been timed and
+    checked on a GPU; without it bf16 models use the fp32-math GEMV."""
+    if kw.bits > 4 or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and os.environ.get("QUANTLRM_BF16X2") == "1")
 
 
 # The half2 GEMV's tiles: more words per thread amortise the per-row work (SASS counts,
@@ -230,6 +234,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     gemv = cfg.kind == "gemv"
     if gemv and (m > MAX_GEMV_ROWS or (cfg.half2 and m != 1)):
         raise ValueError(f"the GEMV configurations take 1 (half2) or up to {MAX_GEMV_ROWS} activation rows")
+    if cfg.half2 and x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the half2 GEMV takes fp16 or bf16 activations, not {x2.dtype}")
     ws = _workspace(x2.device, n * m, split, tk.cdiv(n, cfg.block_n)) if gemv else None
     atomic = split > 1 and ws is None
     fused_act = act and gemv and not atomic
@@ -251,7 +257,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.packed.stride(0), kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     **meta)
+                                     BF16=x2.dtype == torch.bfloat16, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

@@ -284,9 +284,27 @@ mov.b32 $0, a;
 }""")
 
 
+# The same pair in bf16x2 (bf16 activations): the codes go into the mantissas of two bf16 128s
+# (0x4300; 7 mantissa bits, so r + BITS <= 7 and more pairs need a shift), one fma gives
+# c - z exactly (small integers), one more multiplies the activation pair and accumulates. The
+# bf16 sum covers one word (its H products per half), then it is widened to fp32.
+_PAIR_ASM_BF16 = tl.constexpr("""{
+.reg .b32 v;
+lop3.b32 v, $2, $3, 0x43004300, 0xEA;
+fma.rn.bf16x2 v, v, $4, $5;
+fma.rn.bf16x2 $0, v, $6, $1;
+}""")
+
+
 @triton.jit
 def _h2_pair(acc, src, mask, mult, nz, x):
     return tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r,r,r", [acc, src, mask, mult, nz, x],
+                                     dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf2_pair(acc, src, mask, mult, nz, x):
+    return tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=r,r,r,r,r,r,r", [acc, src, mask, mult, nz, x],
                                      dtype=tl.uint32, is_pure=True, pack=1)
 
 
@@ -297,8 +315,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
-                    EMULATE: tl.constexpr = False):
-    # x_ptr: the fp16 activations seen as int32 pairs (K even, B even). Same walk as
+                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False):
+    # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, W_PAD] words, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
     # one load's latency per block, not by bandwidth). Code pair p of word j of block u
@@ -307,7 +325,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
     # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
     H: tl.constexpr = P // 2
-    FIT: tl.constexpr = (10 - BITS) // BITS + 1  # pairs decodable in place (r + BITS <= 10)
+    MANT: tl.constexpr = 7 if BF16 else 10  # mantissa bits of the 16-bit format
+    FIT: tl.constexpr = (MANT - BITS) // BITS + 1  # pairs decodable per shift (r + BITS <= MANT)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r3 = rows[:, None, None]
     uu = tl.arange(0, U)[None, :, None]
@@ -329,21 +348,27 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         else:
             words = tl.load(pw0 + blk * W, mask=wmask & (blk + uu < b_end), other=0)
         words = words.to(tl.uint32, bitcast=True)
-        shifted = words >> (BITS * FIT)
         # scale and zero point per (row, block): loaded as [BLOCK_N, U] and expanded, so they
         # arrive in the slice of the words' layout (a [BLOCK_N, U, 1] load needed a shuffle)
         ub = blk + tl.arange(0, U)[None, :]
         grp = ub // GB if GB > 0 else ub * 0
         sz_mask = (rows[:, None] < N) & (ub < b_end)
         s = tl.load(s_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(z_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0).to(tl.float16)
+        z = tl.load(z_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0)
         h = zero3
+        src = words
         for p in tl.static_range(H):
-            R = BITS * (p % FIT)  # bit offset of the pair in `src` (an in-place one, or shifted)
-            src = words if p < FIT else shifted
-            nz16 = (z * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            R = BITS * (p % FIT)  # bit offset of the pair in `src` (the word, shifted every FIT pairs)
+            if p % FIT == 0 and p > 0:
+                src = words >> (BITS * p)
+            if BF16:  # (c - z) exactly: (128 + c*2^R) * 2^-R - (z + 128*2^-R)
+                nz16 = _rn_bf16(-z.to(tl.float32) - 128.0 / (1 << R))
+                mult = zero3 + ((127 - R) << 7) * 0x10001  # bf16x2 of 2^-R
+            else:  # (c - z) / 16: (1024 + c*2^R) * 2^-(R+4) - (z/16 + 64*2^-R)
+                nz16 = (z.to(tl.float16) * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True)
+                nz16 = nz16.to(tl.uint32)
+                mult = zero3 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
             nz = zero3 + (nz16 | (nz16 << 16))[:, :, None]
-            mult = zero3 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
             mask = zero3 + (((1 << BITS) - 1) << R) * 0x10001
             kp = (blk + uu) * (B // 2) + p * W + jj  # [1, U, W_PAD] activation pair indices
             px = x_ptr + (zero3.to(tl.int32) + kp)  # rows repeat the same addresses (L1)
@@ -356,16 +381,23 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             else:
                 inb = (2 * (p * W + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
                 xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
-            if EMULATE:
+            if BF16 and EMULATE:
+                h = _bf2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
+            elif BF16:
+                h = _bf2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
+            elif EMULATE:
                 h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
             else:
                 h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
-        if EMULATE:
-            part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
+        if BF16:  # bf16 -> fp32 is a 16-bit shift
+            acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
         else:
-            part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
-                                             pack=1).to(tl.float32, bitcast=True)
-        acc3 += part * (s * 16.0)
+            if EMULATE:
+                part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
+            else:
+                part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
+                                                 pack=1).to(tl.float32, bitcast=True)
+            acc3 += part * (s * 16.0)
     if W != W_PAD:
         acc3 = tl.where(jj < W, acc3, 0.0)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
@@ -395,3 +427,27 @@ def _h2_pair_emulated(acc, src, mask, mult, nz, x):
     hi = (_f16(v >> 16) * _f16(mult >> 16) + _f16(nz >> 16)).to(tl.float16).to(tl.float32) * _f16(x >> 16) \
         + _f16(acc >> 16)
     return _u16(lo) | (_u16(hi) << 16)
+
+
+@triton.jit
+def _bf16_lo(v):
+    """The bf16 in the low 16 bits of a uint32, as fp32 (exact)."""
+    return (v << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rn_bf16(f):
+    """fp32 -> bf16 bits in a uint32, rounded to nearest even (integer arithmetic, so the CPU
+    interpreter, which truncates its own fp32 -> bf16 casts, rounds as the GPU does)."""
+    u = f.to(tl.uint32, bitcast=True)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@triton.jit
+def _bf2_pair_emulated(acc, src, mask, mult, nz, x):
+    """`_PAIR_ASM_BF16` in plain Triton with bf16 rounding after each step (CPU interpreter)."""
+    v = (src & mask) | 0x43004300
+    lo = _bf16_lo(_rn_bf16(_bf16_lo(v) * _bf16_lo(mult) + _bf16_lo(nz))) * _bf16_lo(x) + _bf16_lo(acc)
+    hi = _bf16_lo(_rn_bf16(_bf16_lo(v >> 16) * _bf16_lo(mult >> 16) + _bf16_lo(nz >> 16))) * _bf16_lo(x >> 16) \
+        + _bf16_lo(acc >> 16)
+    return _rn_bf16(lo) | (_rn_bf16(hi) << 16)
