@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 
 import torch
@@ -196,22 +194,12 @@ def sass_counts() -> None:
            "blocks_per_split": "i32", "stride_lo": "i32", "stride_hi": "i32", "stride_s": "i32",
            "GB": "constexpr", "BLOCK_N": "constexpr", "MODE": "constexpr", "EMULATE": "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(14)}
-    nvbin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    from gemv_sass import loop_body
+
     for bn, _, warps in CONFIGS:
         src = ASTSource(fn=_gemv_planes_kernel, signature=sig, constexprs=dict(GB=1, BLOCK_N=bn, MODE=2, EMULATE=False), attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        path = f"/tmp/w3p_{bn}_{warps}.cubin"
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([os.path.join(nvbin, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-        lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-        addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-        best = None
-        for ln, a in zip(lines, addr, strict=True):  # the longest backward branch is the block loop
-            m = re.search(r"BRA (0x[0-9a-f]+)", ln)
-            if m and int(m.group(1), 16) < a and (best is None or a - int(m.group(1), 16) > best[1] - best[0]):
-                best = (int(m.group(1), 16), a)
-        body = [ln for ln, a in zip(lines, addr, strict=True) if best[0] <= a <= best[1]]
+        body = loop_body(k.asm["cubin"], f"w3p_{bn}_{warps}")
         codes = bn * 128 / (warps * 32)  # codes per thread per block
         print(f"BLOCK_N {bn:3d} warps {warps}: loop {len(body)} instructions, {codes:.0f} codes per thread, "
               f"{len(body) / codes:.2f} per code; LDG {sum('LDG' in x for x in body)} "

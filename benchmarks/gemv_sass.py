@@ -1,0 +1,89 @@
+"""Instructions per code in the product GEMVs' main loop, compiled for sm_90 on any machine (no GPU).
+
+Counts are a proxy, not a timing: they show what a code costs the SM's issue slots, which
+matters where the GEMV is not bound by memory alone (BENCHMARKS.md, Kernels). Compares, per
+bit width, the half2 GEMV in fp16, its bf16x2 form (opt-in, QUANTLRM_BF16X2=1) and the
+fp32-math GEMV that bf16 models use without it.
+
+    python benchmarks/gemv_sass.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from quantlrm.kernels import triton_kernels as tk  # noqa: E402
+from quantlrm.kernels.layout import geometry  # noqa: E402
+
+NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def loop_body(cubin: bytes, tag: str) -> list[str]:
+    """SASS lines of the longest backward branch's body (the kernel's block loop)."""
+    path = f"/tmp/gemv_sass_{tag}.cubin"
+    Path(path).write_bytes(cubin)
+    sass = subprocess.run([os.path.join(NVBIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+    best = None
+    for ln, a in zip(lines, addr, strict=True):
+        m = re.search(r"BRA (0x[0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < a and (best is None or a - int(m.group(1), 16) > best[1] - best[0]):
+            best = (int(m.group(1), 16), a)
+    return [ln for ln, a in zip(lines, addr, strict=True) if best[0] <= a <= best[1]]
+
+
+def compile_h2(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch: bool) -> bytes:
+    _, p, w, _ = geometry(bits, 128, 4096)
+    w_pad = 1 << (w - 1).bit_length()
+    dt = "*bf16" if bf16 else "*fp16"
+    sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": dt, "z_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32",
+           "cnt_ptr": "*i32", "N": "i32", "K": "i32", "n_blocks": "i32", "blocks_per_split": "i32",
+           "stride_p": "i32", "stride_s": "i32"}
+    const = dict(BITS=bits, P=p, B=128, W=w, W_PAD=w_pad, GB=1, BLOCK_N=block_n, EVEN_N=True, EVEN_K=True,
+                 MODE=2, PREFETCH=prefetch, U=u, FULL=True, ACT=False, EMULATE=False, BF16=bf16)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(13) if i not in (9, 10)}
+    src = ASTSource(fn=tk._gemv_h2_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+
+
+def compile_fp32(bits: int, block_n: int, warps: int) -> bytes:
+    _, p, w, _ = geometry(bits, 128, 4096)
+    w_pad = 1 << (w - 1).bit_length()
+    sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
+           "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_blocks": "i32",
+           "blocks_per_split": "i32", "stride_p": "i32", "stride_s": "i32", "stride_xp": "i32", "code_mask": "i32"}
+    const = dict(BITS=bits, P=p, B=128, W=w, W_PAD=w_pad, GB=1, BLOCK_N=block_n, XKIND=1, EVEN_N=True,
+                 EVEN_K=True, MODE=2, ACT=False, MR=1)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(16) if i not in (7, 8, 9, 10, 11, 15)}
+    src = ASTSource(fn=tk._gemv_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+
+
+def main() -> None:
+    print("| bits | kernel | tile (rows, warps, blocks per step) | loop instructions | codes per thread | per code |")
+    print("|---|---|---|---|---|---|")
+    for bits in (4, 3, 2):
+        _, p, w, _ = geometry(bits, 128, 4096)
+        for name, bn, warps, u, cubin in (
+                ("half2, fp16", 64, 4, 4, compile_h2(bits, False, 64, 4, 4, False)),
+                ("bf16x2 (opt-in)", 64, 4, 4, compile_h2(bits, True, 64, 4, 4, False)),
+                ("fp32 math (bf16 today)", 32, 4, 1, compile_fp32(bits, 32, 4))):
+            body = loop_body(cubin, f"{bits}_{u}")
+            codes = bn * w * p * u / (warps * 32)
+            print(f"| W{bits} | {name} | {bn}, {warps}, {u} | {len(body)} | {codes:.1f} | {len(body) / codes:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
