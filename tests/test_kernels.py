@@ -232,7 +232,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
             assert err < 2e-3, (bits, n, k, g, c, err)
     # the half2 GEMV's bf16x2 form (opt-in), its PTX pair emulated: bf16 rounds each product and a
     # word's sum (2-4.6e-3 measured here, against 1-3e-3 for torch's bf16 matmul)
-    for bits, n, k, g in ((3, 40, 96, 32), (4, 33, 256, 128), (3, 11, 300, 300), (2, 5, 256, 128), (3, 7, 640, 128)):
+    for bits, n, k, g in ((3, 40, 96, 32), (4, 34, 256, 128), (3, 11, 300, 300), (2, 6, 256, 128), (3, 7, 640, 128)):
         q = quantize(torch.randn(n, k), bits, g)
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.bfloat16)
         x = torch.randn(1, k).bfloat16()
@@ -242,6 +242,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
             y = run_config(x, kw, c)
             err = float((y.float() - ref).norm() / ref.norm())
             assert y.dtype == torch.bfloat16 and err < 8e-3, (bits, n, k, g, c, err)
+        if n % 2 == 0:  # the gated-MLP epilogue on the bf16x2 walk
+            gref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+            gy = run_config(x, kw, Config("gemv", block_n=8, split_k=2, half2=True, blocks_per_step=2), act=True)
+            # silu(gate) * up compounds both rows' errors and rounds to bf16 once more (9e-3 seen)
+            assert float((gy.float() - gref).norm() / gref.norm()) < 1.5e-2, (bits, n, k, g)
     print("WORST", worst)
 """)
 
@@ -305,7 +310,7 @@ def test_gpu_bf16x2_gemv_matches_dequant_matmul(bits, monkeypatch):
             y = run_config(x, kw, c)
             assert y.dtype == torch.bfloat16 and torch.isfinite(y).all(), (n, k, c)
             assert _relerr(y, ref) < 1e-2, (n, k, c, _relerr(y, ref))
-            assert _relerr(run_config(x, kw, c, act=True), gated_ref) < 1e-2, (n, k, c)
+            assert _relerr(run_config(x, kw, c, act=True), gated_ref) < 1.5e-2, (n, k, c)
 
 
 @cuda

@@ -325,7 +325,8 @@ def _time(fn, reps: int = 10) -> float:
 def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
     """The tuned configuration for this call's key (tuning on first use)."""
     m = x2.shape[0]
-    key = (_bucket(m), kw.out_features, kw.in_features, kw.bits, kw.group_size, x2.dtype)
+    # (half2_ok in the key: turning QUANTLRM_BF16X2 on or off re-tunes instead of reusing a choice)
+    key = (_bucket(m), kw.out_features, kw.in_features, kw.bits, kw.group_size, x2.dtype, half2_ok(kw, x2.dtype))
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg

@@ -440,7 +440,7 @@ def _rn_bf16(f):
     """fp32 -> bf16 bits in a uint32, rounded to nearest even (integer arithmetic, so the CPU
     interpreter, which truncates its own fp32 -> bf16 casts, rounds as the GPU does)."""
     u = f.to(tl.uint32, bitcast=True)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return tl.where(f != f, 0x7FC0, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)  # NaN stays NaN
 
 
 @triton.jit
