@@ -268,12 +268,14 @@ def cdiv(a: int, b: int) -> int:
 # activation pair and accumulates. So a pair of codes costs 3 instructions instead of about 7
 # in fp32. The /16 keeps every product at most |x|: the fp16 sum of one word's P products
 # overflows only if the activations reach ~65504 / P; it is widened to fp32 once per word.
-_PAIR_ASM = tl.constexpr("""{
-.reg .b32 v;
-lop3.b32 v, $2, $3, 0x64006400, 0xEA;
-fma.rn.f16x2 v, v, $4, $5;
-fma.rn.f16x2 $0, v, $6, $1;
-}""")
+def _pair_asm(magic: str, fma: str) -> str:
+    return ("{\n.reg .b32 v;\n"
+            f"lop3.b32 v, $2, $3, {magic}, 0xEA;\n"
+            f"fma.rn.{fma} v, v, $4, $5;\n"
+            f"fma.rn.{fma} $0, v, $6, $1;\n}}")
+
+
+_PAIR_ASM = tl.constexpr(_pair_asm("0x64006400", "f16x2"))
 _WIDEN_ASM = tl.constexpr("""{
 .reg .b16 l, h;
 .reg .f32 a;
@@ -288,23 +290,13 @@ mov.b32 $0, a;
 # (0x4300; 7 mantissa bits, so r + BITS <= 7 and more pairs need a shift), one fma gives
 # c - z exactly (small integers), one more multiplies the activation pair and accumulates. The
 # bf16 sum covers one word (its H products per half), then it is widened to fp32.
-_PAIR_ASM_BF16 = tl.constexpr("""{
-.reg .b32 v;
-lop3.b32 v, $2, $3, 0x43004300, 0xEA;
-fma.rn.bf16x2 v, v, $4, $5;
-fma.rn.bf16x2 $0, v, $6, $1;
-}""")
+_PAIR_ASM_BF16 = tl.constexpr(_pair_asm("0x43004300", "bf16x2"))
 
 
 @triton.jit
-def _h2_pair(acc, src, mask, mult, nz, x):
-    return tl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r,r,r,r,r", [acc, src, mask, mult, nz, x],
-                                     dtype=tl.uint32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _bf2_pair(acc, src, mask, mult, nz, x):
-    return tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=r,r,r,r,r,r,r", [acc, src, mask, mult, nz, x],
+def _h2_pair(acc, src, mask, mult, nz, x, BF16: tl.constexpr = False):
+    asm: tl.constexpr = _PAIR_ASM_BF16 if BF16 else _PAIR_ASM
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", [acc, src, mask, mult, nz, x],
                                      dtype=tl.uint32, is_pure=True, pack=1)
 
 
@@ -383,12 +375,10 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
             if BF16 and EMULATE:
                 h = _bf2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
-            elif BF16:
-                h = _bf2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
             elif EMULATE:
                 h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
             else:
-                h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
+                h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True), BF16)
         if BF16:  # bf16 -> fp32 is a 16-bit shift
             acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
         else:
@@ -440,7 +430,13 @@ def _rn_bf16(f):
     """fp32 -> bf16 bits in a uint32, rounded to nearest even (integer arithmetic, so the CPU
     interpreter, which truncates its own fp32 -> bf16 casts, rounds as the GPU does)."""
     u = f.to(tl.uint32, bitcast=True)
-    return tl.where(f != f, 0x7FC0, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)  # NaN stays NaN
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF  # finite inputs (a NaN may wrap to 0)
+
+
+@triton.jit
+def _rn_bf16_nan(f):
+    """`_rn_bf16` that keeps NaN a NaN (the emulated pair, whose activations may be anything)."""
+    return tl.where(f != f, 0x7FC0, _rn_bf16(f))
 
 
 @triton.jit
@@ -450,4 +446,4 @@ def _bf2_pair_emulated(acc, src, mask, mult, nz, x):
     lo = _bf16_lo(_rn_bf16(_bf16_lo(v) * _bf16_lo(mult) + _bf16_lo(nz))) * _bf16_lo(x) + _bf16_lo(acc)
     hi = _bf16_lo(_rn_bf16(_bf16_lo(v >> 16) * _bf16_lo(mult >> 16) + _bf16_lo(nz >> 16))) * _bf16_lo(x >> 16) \
         + _bf16_lo(acc >> 16)
-    return _rn_bf16(lo) | (_rn_bf16(hi) << 16)
+    return _rn_bf16_nan(lo) | (_rn_bf16_nan(hi) << 16)
