@@ -71,18 +71,32 @@ def compile_fp32(bits: int, block_n: int, warps: int) -> bytes:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
 
 
+def loads(body: list[str]) -> str:
+    """Global loads in the loop by width: a 128-bit one moves 4 words per instruction."""
+    widths = {"128": 0, "64": 0, "32": 0, "16": 0}
+    for ln in body:
+        m = re.search(r"LDG\.E(?:\.(\w+))?", ln)
+        if m:
+            w = m.group(1) or "32"
+            widths["16" if w in ("U16", "S16") else w if w in widths else "32"] += 1
+    return ", ".join(f"{n} x {w}-bit" for w, n in widths.items() if n)
+
+
 def main() -> None:
-    print("| bits | kernel | tile (rows, warps, blocks per step) | loop instructions | codes per thread | per code |")
-    print("|---|---|---|---|---|---|")
+    print("| bits | kernel | tile (rows, warps, blocks per step) | loop instructions | codes per thread | per code "
+          "| global loads in the loop |")
+    print("|---|---|---|---|---|---|---|")
     for bits in (4, 3, 2):
         _, p, w, _ = geometry(bits, 128, 4096)
         for name, bn, warps, u, cubin in (
                 ("half2, fp16", 64, 4, 4, compile_h2(bits, False, 64, 4, 4, False)),
+                ("half2, fp16", 64, 4, 1, compile_h2(bits, False, 64, 4, 1, False)),
                 ("bf16x2 (opt-in)", 64, 4, 4, compile_h2(bits, True, 64, 4, 4, False)),
                 ("fp32 math (bf16 today)", 32, 4, 1, compile_fp32(bits, 32, 4))):
             body = loop_body(cubin, f"{bits}_{u}")
             codes = bn * w * p * u / (warps * 32)
-            print(f"| W{bits} | {name} | {bn}, {warps}, {u} | {len(body)} | {codes:.1f} | {len(body) / codes:.2f} |")
+            print(f"| W{bits} | {name} | {bn}, {warps}, {u} | {len(body)} | {codes:.1f} | {len(body) / codes:.2f} "
+                  f"| {loads(body)} |")
 
 
 if __name__ == "__main__":
