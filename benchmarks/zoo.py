@@ -381,7 +381,8 @@ class ModelRun:
 
     def evaluate(self, d) -> dict:
         t0 = time.time()
-        ev = evaluate_model(d, self.tests, self.device, self.args.max_new_tokens)
+        ev = evaluate_model(d, self.tests, self.device, self.args.max_new_tokens,
+                            batch_size=self.args.eval_batch or None)
         self.est["eval"] = time.time() - t0
         return ev
 
@@ -884,6 +885,9 @@ def parse_args(argv=None):
     ap.add_argument("--level", type=int, default=1, help="task difficulty (quantlrm.demo.tasks)")
     ap.add_argument("--train-per-task", type=int, default=20000)
     ap.add_argument("--test-per-task", type=int, default=500)
+    ap.add_argument("--eval-batch", type=int, default=0,
+                    help="questions generated at once (0: all; bound it for large --test-per-task, "
+                         "the KV cache grows with it)")
     ap.add_argument("--dpo-prompts", type=int, default=2048)
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--full-settings", default="w3g128,w4g128", help="settings where every main method runs")
