@@ -69,7 +69,8 @@ def register(sub) -> None:
     p.add_argument("--gptq-block", type=int, default=128, help="GPTQ columns per lazy-update block (speed only)")
     p.add_argument("--gptq-act-order", action="store_true",
                    help="GPTQ: most-used input channels first (decreasing H diagonal), with every group's grid "
-                   "fixed before GPTQ (static groups), so the exports are unchanged")
+                   "fixed before GPTQ (static groups), so the exports are unchanged. Recommended with --method "
+                   "quantlrm --rounding gptq (+1.65 points at W3 on the demo pair, p 0.0002)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
