@@ -192,3 +192,12 @@ def test_demo_fast_end_to_end(tmp_path):
     assert search["rtn-w3"] is None and search["awq-w3"]["rank_corr_act"] is None
     assert search["quantlrm-w3"]["groups"] > 0 and -1 <= search["quantlrm-w3"]["rank_corr_act"] <= 1
     assert "16-bit" in r.stdout and "zero fraction" in r.stdout
+    # the paired tests read every completion back from OUT/eval: their net difference must be
+    # the gap between the two rows' averages (equal question counts per task)
+    avg = {row["key"]: row["avg"] for row in res["rows"]}
+    assert {(p["bits"], p["baseline"]) for p in res["paired"]} == {(b, m) for b in (3, 4) for m in ("rtn", "awq")}
+    for p in res["paired"]:
+        assert p["n"] == sum(t["n"] for t in res["tasks"])
+        gap = 100 * (avg[f"quantlrm-w{p['bits']}"] - avg[f"{p['baseline']}-w{p['bits']}"])
+        assert p["diff_points"] == pytest.approx(gap, abs=1e-6) and 0 < p["p"] <= 1
+    assert "W3 QuantLRM vs RTN" in r.stdout and "McNemar" in (out / "table.md").read_text()

@@ -46,7 +46,23 @@ def markdown(summary: dict) -> str:
         f"{100 * z['zero_fraction']:.2f}% of linear weights exactly unchanged "
         f"({z['n_zero']:,} of {z['n_updates']:,}).",
     ]
+    paired = paired_lines(summary)
+    if paired:
+        notes += ["", paired[0], ""] + [f"- {ln.strip()}" for ln in paired[1:]]
     return "\n".join(lines + notes + search_lines(summary)) + "\n"
+
+
+def paired_lines(summary: dict) -> list[str]:
+    """QuantLRM against each baseline on the same questions (exact McNemar p)."""
+    rows = summary.get("paired") or []
+    if not rows:
+        return []
+    out = ["paired on the same questions (exact McNemar p; p > 0.05 means the gap may be chance):"]
+    for b in sorted({r["bits"] for r in rows}):
+        parts = [f"{METHOD_LABEL.get(r['baseline'], r['baseline'])} {r['diff_points']:+.1f} (p {r['p']:.2g})"
+                 for r in rows if r["bits"] == b]
+        out.append(f"  W{b} QuantLRM vs " + ", ".join(parts))
+    return out
 
 
 def search_lines(summary: dict) -> list[str]:
@@ -79,6 +95,8 @@ def print_table(summary: dict) -> None:
     z = summary["zero"]
     print(f"\nzero fraction of the pair: {100 * z['zero_fraction']:.2f}%   "
           f"(accuracy %, n={summary['tasks'][0]['n']} held-out problems per task)")
+    for line in paired_lines(summary):
+        print(line)
     print("time per step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["times"].items()))
 
 

@@ -106,6 +106,21 @@ def write_calibration(opts: DemoOptions, path: Path, n_docs: int) -> Path:
     return path
 
 
+def paired_tests(eval_root: Path, bits: tuple[int, ...], methods: tuple[str, ...], tasks: list[str]) -> list[dict]:
+    """QuantLRM against each other method at each bit width, question by question (McNemar):
+    on a few hundred questions, gaps of a few points between methods can be chance."""
+    from quantlrm.eval.paired import compare_dirs
+
+    out = []
+    for b in bits:
+        if "quantlrm" not in methods:
+            continue
+        for m in (m for m in methods if m != "quantlrm"):
+            d = compare_dirs(eval_root / f"quantlrm-w{b}", eval_root / f"{m}-w{b}", tasks)
+            out.append({"bits": b, "method": "quantlrm", "baseline": m, **d})
+    return out
+
+
 def run_demo(opts: DemoOptions) -> dict:
     """Run every step; returns the summary also written to OUT/results.json."""
     from transformers.utils import logging as hf_logging
@@ -173,8 +188,10 @@ def run_demo(opts: DemoOptions) -> dict:
     rows = []
     for v in [{"key": "base", "method": "base (before SFT)", "bits": 16, "dir": base_dir}, *variants]:
         t = time.perf_counter()
+        eval_dir = out / "eval" / v["key"]  # every completion, for the paired tests below
+        shutil.rmtree(eval_dir, ignore_errors=True)  # never resume from an earlier demo's answers
         s = evaluate(str(v["dir"]), tasks, gen=gen, backend="transformers", dtype="float32",
-                     name=v["key"], progress=opts.progress)
+                     name=v["key"], progress=opts.progress, out=str(eval_dir))
         times[f"eval {v['key']}"] = time.perf_counter() - t
         rows.append({
             "key": v["key"], "method": v["method"], "bits": v["bits"],
@@ -194,6 +211,7 @@ def run_demo(opts: DemoOptions) -> dict:
                  "train_seconds": pair_info.get("seconds")},
         "quantize": {"group_size": opts.group_size, "calib": f"{calib_samples} x {opts.calib_seqlen} "
                      "tokens of training-split task text (prompts + reasoning)"},
+        "paired": paired_tests(out / "eval", opts.bits, opts.methods, [t.name for t in tasks]),
         "generation": gen.as_dict(),
         "fast": opts.fast,
         "times": times,
