@@ -73,7 +73,11 @@ def test_cli_writes_reports_and_resumes(models, tmp_path):
     assert [m["model"] for m in summary["models"]] == ["base", "quant"]
     md = (out / "results.md").read_text()
     assert "| Model | Precision | AIME-120 | Temporal | Avg | % of base | PPL |" in md
-    assert sum(ln.startswith("| ") for ln in md.splitlines()) == 3  # header + 2 models
+    table, paired = md.split("Paired with base")
+    assert sum(ln.startswith("| ") for ln in table.splitlines()) == 3  # header + 2 models
+    # the quantized model against the first, on the 2 x 3 graded questions (ppl has none)
+    row = next(ln for ln in paired.splitlines() if ln.startswith("| quant |"))
+    assert row.split("|")[5].strip() == "6"
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Resume: nothing new is generated for finished samples, a removed one is redone,

@@ -160,3 +160,27 @@ def test_compressed_tensors_export_loads_dequantized(tmp_path):
     assert describe_precision(tmp_path / "ct") == "4-bit compressed-tensors"
     s = evaluate(tmp_path / "ct", "ppl", ppl_text="abc " * 100, ppl_seqlen=64, progress=False)
     assert s["tasks"]["ppl"]["n_tokens"] == 6 * 63 and s["backend"] == "transformers"
+
+
+def test_reports_pair_each_model_with_the_first(tmp_path):
+    """results.md gains a paired table: net points, discordant counts and the exact McNemar p,
+    read back from the per-question JSONL files that `evaluate(out=...)` writes."""
+    from quantlrm.eval.paired import mcnemar_exact
+
+    outcomes = {"fp": {"aime": "1111100000", "folio": "1111111111"},
+                "w3": {"aime": "1111000001", "folio": "1111111000"}}
+    for m, tasks in outcomes.items():
+        for t, marks in tasks.items():
+            (tmp_path / m).mkdir(exist_ok=True)
+            with open(tmp_path / m / f"{t}.jsonl", "w") as f:
+                for i, c in enumerate(marks):
+                    f.write(json.dumps({"task": t, "id": i, "k": 0, "correct": c == "1"}) + "\n")
+    sums = [_summary("fp", [0.5, 1.0]), _summary("w3", [0.5, 0.7])]
+    paths = write_reports(sums, tmp_path)
+    md = paths["markdown"].read_text()
+    # w3 vs fp: aime one each way (id 4 / id 9), folio 3 only fp right -> net -3 of 20 questions
+    assert "Paired with fp" in md
+    assert f"| w3 | -15.00 | 1 | 4 | 20 | {mcnemar_exact(1, 4):.3g} |" in md
+    # without per-question files there is no paired table (and no error)
+    other = write_reports(sums, tmp_path / "elsewhere")
+    assert "Paired with" not in other["markdown"].read_text()

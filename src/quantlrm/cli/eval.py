@@ -35,8 +35,9 @@ folio = the last True/False/Uncertain.
 
 outputs in --out: <model>/<task>.jsonl (prompt, completion, extracted answer, correct,
 tokens per completion), <model>/summary.json, and across models summary.json,
-results.md (a table like the paper's Table 2 with % of the first model's average) and
-results.png. Rerunning with the same --out skips completions already written.
+results.md (a table like the paper's Table 2 with % of the first model's average, then
+each model paired with the first on the same questions: exact McNemar p) and results.png.
+Rerunning with the same --out skips completions already written.
 """
 
 
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantlrm.eval import GenerationConfig, evaluate, expand_task_names, load_task
-    from quantlrm.eval.report import markdown_table, write_reports
+    from quantlrm.eval.report import write_reports
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for flag, v in (
@@ -208,6 +209,6 @@ def run(args: argparse.Namespace) -> int:
         )
         # Reports after every model, so a crash on the next model keeps what is done.
         paths = write_reports(summaries, args.out)
-    print(markdown_table(summaries), end="")
+    print(paths["markdown"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -9,7 +9,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["describe_precision", "markdown_table", "plot_bars", "write_reports"]
+__all__ = ["describe_precision", "markdown_table", "paired_section", "plot_bars", "write_reports"]
 
 
 def describe_precision(model_dir: str | Path | None) -> str:
@@ -153,6 +153,38 @@ def plot_bars(summaries: list[dict], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def paired_section(summaries: list[dict], out: str | Path) -> str:
+    """Each model against the first on the same questions (exact McNemar on the first sample of
+    each question, from `out/<model>/<task>.jsonl`): two quantized models often differ on only a
+    few percent of the questions, so their averages alone cannot tell a real gap from chance."""
+    from quantlrm.errors import QuantLRMError
+    from quantlrm.eval.paired import compare_dirs
+
+    if len(summaries) < 2:
+        return ""
+    ref = summaries[0]
+    tasks = [k for k, _ in _columns(summaries)]
+    lines = []
+    for s in summaries[1:]:
+        common = [t for t in tasks if t in s["tasks"] and t in ref["tasks"]]
+        try:
+            d = compare_dirs(Path(out) / s["model"], Path(out) / ref["model"], common)
+        except (QuantLRMError, OSError, ValueError, KeyError):
+            continue  # no per-question files (e.g. summaries built elsewhere): no test
+        lines.append(f"| {s['model']} | {d['diff_points']:+.2f} | {d['b']} | {d['c']} | {d['n']} | {d['p']:.3g} |")
+    if not lines:
+        return ""
+    head = [
+        "",
+        f"Paired with {ref['model']} on the same questions (first sample of each; exact McNemar p, "
+        "p > 0.05: the gap may be chance):",
+        "",
+        f"| Model | points vs {ref['model']} | only this right | only {ref['model']} right | questions | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines) + "\n"
+
+
 def write_reports(summaries: list[dict], out: str | Path) -> dict[str, Path]:
     """summary.json, results.md and (when any accuracy task ran) results.png in `out`."""
     out = Path(out)
@@ -164,7 +196,7 @@ def write_reports(summaries: list[dict], out: str | Path) -> dict[str, Path]:
     tmp.write_text(json.dumps({"models": summaries}, indent=2, default=str) + "\n")
     os.replace(tmp, paths["summary"])
     tmp = paths["markdown"].with_name("results.md.tmp")
-    tmp.write_text(markdown_table(summaries))
+    tmp.write_text(markdown_table(summaries) + paired_section(summaries, out))
     os.replace(tmp, paths["markdown"])
     if _columns(summaries):
         paths["plot"] = out / "results.png"
