@@ -48,3 +48,14 @@ def test_missing_or_disjoint_results_are_named(tmp_path):
     _write(tmp_path / "a", "temporal", "")
     with pytest.raises(QuantLRMError, match="share no graded question"):
         compare_dirs(tmp_path / "a", tmp_path / "b", ["temporal"])
+
+
+def test_only_this_runs_questions_are_paired(tmp_path):
+    """A resumed directory can hold answers an earlier run graded (another --limit): `ids`
+    keeps the pairing to the questions of this run."""
+    _write(tmp_path / "a", "arith", "1111")
+    _write(tmp_path / "b", "arith", "0000")
+    everything = compare_dirs(tmp_path / "a", tmp_path / "b", ["arith"])
+    assert (everything["n"], everything["b"]) == (4, 4)
+    now = compare_dirs(tmp_path / "a", tmp_path / "b", ["arith"], ids={"arith": {"0", "2"}})
+    assert (now["n"], now["b"], now["c"]) == (2, 2, 0)

@@ -181,6 +181,9 @@ def test_reports_pair_each_model_with_the_first(tmp_path):
     # w3 vs fp: aime one each way (id 4 / id 9), folio 3 only fp right -> net -3 of 20 questions
     assert "Paired with fp" in md
     assert f"| w3 | -15.00 | 1 | 4 | 20 | {mcnemar_exact(1, 4):.3g} |" in md
+    # only this run's questions (an earlier run with a larger --limit left more in the files)
+    part = write_reports(sums, tmp_path, questions={"aime": {"4", "9"}, "folio": {"7"}})
+    assert f"| w3 | -33.33 | 1 | 2 | 3 | {mcnemar_exact(1, 2):.3g} |" in part["markdown"].read_text()
     # without per-question files there is no paired table (and no error)
     other = write_reports(sums, tmp_path / "elsewhere")
     assert "Paired with" not in other["markdown"].read_text()

@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # this run's questions: --out may also hold answers from an earlier run (another --limit)
+    questions = {t.name: {str(s.id) for s in t.samples} for t in tasks if t != "ppl"}
     summaries = []
     for model, label in zip(args.model, _labels(args.model, args.name), strict=True):
         summaries.append(
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         # Reports after every model, so a crash on the next model keeps what is done.
-        paths = write_reports(summaries, args.out)
+        paths = write_reports(summaries, args.out, questions)
     print(paths["markdown"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -38,9 +38,12 @@ def paired(a: str, b: str) -> dict:
             "p": mcnemar_exact(only_a, only_b)}
 
 
-def outcomes(out_dir: str | Path, tasks: list[str]) -> dict[tuple[str, str], bool]:
+def outcomes(out_dir: str | Path, tasks: list[str],
+             ids: dict[str, set[str]] | None = None) -> dict[tuple[str, str], bool]:
     """{(task, question id): correct} of the first sample of each question, from the
-    `<task>.jsonl` files that `evaluate(..., out=out_dir)` writes."""
+    `<task>.jsonl` files that `evaluate(..., out=out_dir)` writes. `ids` (task -> question ids)
+    keeps only this run's questions: a resumed directory may also hold answers to questions an
+    earlier run graded (another --limit or data file)."""
     got: dict[tuple[str, str], bool] = {}
     for t in tasks:
         path = Path(out_dir) / f"{t}.jsonl"
@@ -48,14 +51,14 @@ def outcomes(out_dir: str | Path, tasks: list[str]) -> dict[tuple[str, str], boo
             raise QuantLRMError(f"{path} is missing.", f"evaluate the model on {t} with out={out_dir}.")
         for line in path.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
-            if rec.get("k", 0) == 0:
+            if rec.get("k", 0) == 0 and (ids is None or str(rec["id"]) in ids.get(t, ())):
                 got[(rec["task"], str(rec["id"]))] = bool(rec["correct"])
     return got
 
 
-def compare_dirs(a: str | Path, b: str | Path, tasks: list[str]) -> dict:
-    """`paired` on the questions both evaluation directories answered."""
-    oa, ob = outcomes(a, tasks), outcomes(b, tasks)
+def compare_dirs(a: str | Path, b: str | Path, tasks: list[str], ids: dict[str, set[str]] | None = None) -> dict:
+    """`paired` on the questions both evaluation directories answered (of `ids`, if given)."""
+    oa, ob = outcomes(a, tasks, ids), outcomes(b, tasks, ids)
     keys = sorted(set(oa) & set(ob))
     if not keys:
         raise QuantLRMError(f"{a} and {b} share no graded question.", "evaluate both on the same tasks.")

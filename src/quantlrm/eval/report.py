@@ -153,7 +153,7 @@ def plot_bars(summaries: list[dict], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def paired_section(summaries: list[dict], out: str | Path) -> str:
+def paired_section(summaries: list[dict], out: str | Path, questions: dict[str, set[str]] | None = None) -> str:
     """Each model against the first on the same questions (exact McNemar on the first sample of
     each question, from `out/<model>/<task>.jsonl`): two quantized models often differ on only a
     few percent of the questions, so their averages alone cannot tell a real gap from chance."""
@@ -168,7 +168,7 @@ def paired_section(summaries: list[dict], out: str | Path) -> str:
     for s in summaries[1:]:
         common = [t for t in tasks if t in s["tasks"] and t in ref["tasks"]]
         try:
-            d = compare_dirs(Path(out) / s["model"], Path(out) / ref["model"], common)
+            d = compare_dirs(Path(out) / s["model"], Path(out) / ref["model"], common, questions)
         except (QuantLRMError, OSError, ValueError, KeyError):
             continue  # no per-question files (e.g. summaries built elsewhere): no test
         lines.append(f"| {s['model']} | {d['diff_points']:+.2f} | {d['b']} | {d['c']} | {d['n']} | {d['p']:.3g} |")
@@ -185,8 +185,10 @@ def paired_section(summaries: list[dict], out: str | Path) -> str:
     return "\n".join(head + lines) + "\n"
 
 
-def write_reports(summaries: list[dict], out: str | Path) -> dict[str, Path]:
-    """summary.json, results.md and (when any accuracy task ran) results.png in `out`."""
+def write_reports(summaries: list[dict], out: str | Path,
+                  questions: dict[str, set[str]] | None = None) -> dict[str, Path]:
+    """summary.json, results.md and (when any accuracy task ran) results.png in `out`;
+    `questions` (task -> ids graded in this run) limits the paired table to them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for s in summaries:
@@ -196,7 +198,7 @@ def write_reports(summaries: list[dict], out: str | Path) -> dict[str, Path]:
     tmp.write_text(json.dumps({"models": summaries}, indent=2, default=str) + "\n")
     os.replace(tmp, paths["summary"])
     tmp = paths["markdown"].with_name("results.md.tmp")
-    tmp.write_text(markdown_table(summaries) + paired_section(summaries, out))
+    tmp.write_text(markdown_table(summaries) + paired_section(summaries, out, questions))
     os.replace(tmp, paths["markdown"])
     if _columns(summaries):
         paths["plot"] = out / "results.png"
