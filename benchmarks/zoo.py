@@ -814,8 +814,13 @@ def search_diagnostics(out: Path) -> dict | None:
 def report(out: Path, names: list[str]) -> None:
     results = []
     for n in names:
+        path = out / f"{n}.json"
+        if not path.is_file():
+            log(f"no results for {n}: its run ended before its first stage was saved "
+                "(training takes part of --budget; raise --budget or lower --train-seconds)")
+            continue
         try:
-            results.append(json.loads((out / f"{n}.json").read_text()))
+            results.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             traceback.print_exc()
     if not results:
