@@ -816,8 +816,8 @@ def report(out: Path, names: list[str]) -> None:
     for n in names:
         path = out / f"{n}.json"
         if not path.is_file():
-            log(f"no results for {n}: its run ended before its first stage was saved "
-                "(training takes part of --budget; raise --budget or lower --train-seconds)")
+            log(f"no results for {n}: its run ended before its results were first saved (after the DPO "
+                "stage); raise --budget or lower --train-seconds")
             continue
         try:
             results.append(json.loads(path.read_text()))
