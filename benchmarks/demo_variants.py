@@ -23,11 +23,11 @@ VARIANTS = {  # name -> QuantizeOptions fields
     "AWQ": dict(method="awq"),
     "QuantLRM": dict(method="quantlrm"),
     "QuantLRM (act factor)": dict(method="quantlrm", act_factor=True),
-    "AWQ + GPTQ": dict(method="awq", rounding="gptq"),
+    "AWQ + GPTQ": dict(method="awq", rounding="gptq", gptq_act_order=False),
     "AWQ + GPTQ (act-order)": dict(method="awq", rounding="gptq", gptq_act_order=True),
-    "QuantLRM + GPTQ": dict(method="quantlrm", rounding="gptq"),
+    "QuantLRM + GPTQ": dict(method="quantlrm", rounding="gptq", gptq_act_order=False),
     "QuantLRM + GPTQ (act-order)": dict(method="quantlrm", rounding="gptq", gptq_act_order=True),
-    "GPTQ": dict(method="rtn", rounding="gptq"),
+    "GPTQ": dict(method="rtn", rounding="gptq", gptq_act_order=False),
     "GPTQ (act-order)": dict(method="rtn", rounding="gptq", gptq_act_order=True),
 }
 

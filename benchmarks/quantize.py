@@ -112,8 +112,8 @@ def run_ours(method: str, model_dir: Path, out: Path, args, ref: torch.Tensor, i
     if method in ("quantlrm-gptq", "gptq"):  # our scales (QuantLRM's, or none), then GPTQ rounding
         method, rounding = ("quantlrm" if method == "quantlrm-gptq" else "rtn"), "gptq"
     extra = {"importance": random_importance(model_dir)} if method == "quantlrm" else {}
-    if act_order:
-        extra["gptq_act_order"] = True
+    if rounding == "gptq":
+        extra["gptq_act_order"] = act_order  # explicit: the library's default is on
     if method == "awq-duo":  # llm-compressor's default AWQ variant
         method, extra = "awq", {"duo_scaling": True}
     opts = QuantizeOptions(model=str(model_dir), out=str(out), method=method, bits=args.bits,

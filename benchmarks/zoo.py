@@ -82,8 +82,10 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "quantlrm-act": ("QuantLRM (act factor)", "ours", dict(method="quantlrm", act_factor=True)),
     "quantlrm-prev": ("QuantLRM (SFT->DPO signals)", "ours", dict(method="quantlrm", signals="prev")),
     # QuantLRM's scales, then GPTQ's error-compensated rounding instead of round-to-nearest
-    "quantlrm-gptq": ("QuantLRM + GPTQ rounding", "ours", dict(method="quantlrm", rounding="gptq")),
-    "gptq-ours": ("GPTQ (ours: RTN scales + GPTQ rounding)", "ours", dict(method="rtn", rounding="gptq")),
+    "quantlrm-gptq": ("QuantLRM + GPTQ rounding", "ours", dict(method="quantlrm", rounding="gptq",
+                                                                gptq_act_order=False)),
+    "gptq-ours": ("GPTQ (ours: RTN scales + GPTQ rounding)", "ours", dict(method="rtn", rounding="gptq",
+                                                                          gptq_act_order=False)),
     "quantlrm-gptq-ao": ("QuantLRM + GPTQ rounding (act-order)", "ours",
                          dict(method="quantlrm", rounding="gptq", gptq_act_order=True)),
     "gptq-ours-ao": ("GPTQ (ours, act-order)", "ours", dict(method="rtn", rounding="gptq", gptq_act_order=True)),

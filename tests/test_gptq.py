@@ -291,10 +291,14 @@ def test_cli_flags_and_resume_fingerprint(tiny, tmp_path, monkeypatch):
                  "--out", str(tmp_path / "o")]) == 0
     opts = _report(tmp_path / "o")["options"]
     assert (opts["rounding"], opts["gptq_damp"], opts["gptq_block"]) == ("gptq", 0.05, 16)
-    assert opts["gptq_act_order"] is False
-    assert main([*args, "--rounding", "gptq", "--gptq-act-order", "--out", str(tmp_path / "ao")]) == 0
+    assert opts["gptq_act_order"] is True  # on by default with GPTQ rounding, recorded as run
+    assert main([*args, "--rounding", "gptq", "--no-gptq-act-order", "--out", str(tmp_path / "ao")]) == 0
+    assert _report(tmp_path / "ao")["options"]["gptq_act_order"] is False
+    assert main([*args, "--rounding", "gptq", "--gptq-act-order", "--out", str(tmp_path / "ao"), "--overwrite"]) == 0
     rep = _report(tmp_path / "ao")
     assert rep["options"]["gptq_act_order"] is True
+    assert main([*args, "--out", str(tmp_path / "rtn")]) == 0  # plain rounding: no act-order to speak of
+    assert _report(tmp_path / "rtn")["options"]["gptq_act_order"] is False
     assert all(v["loss"] <= v["loss_rtn"] for r in rep["layers"] for v in r["gptq"].values())
     assert _report(tmp_path / "o")["layers"][0]["gptq"]["q"]["damp"] == 0.05
 
