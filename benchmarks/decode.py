@@ -44,6 +44,7 @@ SHORTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 # fp32-math GEMV unless QUANTLRM_BF16X2=1 (its bf16x2 form)
 HALF, DT = "fp16", torch.float16
 
+
 def llama8b_config(layers: int):
     from transformers import LlamaConfig
 

@@ -26,6 +26,9 @@ def test_compare_dirs_counts_discordant_questions(tmp_path):
     _write(tmp_path / "b", "arith", "100111")
     _write(tmp_path / "b", "logic", "01")
     assert outcomes(tmp_path / "a", ["arith"])[("arith", "1")] is True
+    with open(tmp_path / "a" / "arith.jsonl", "a") as f:  # a torn last line (a crash mid-write)
+        f.write('{"task": "arith", "id": 9, "k"')
+    assert len(outcomes(tmp_path / "a", ["arith"])) == 6
     d = compare_dirs(tmp_path / "a", tmp_path / "b", ["arith", "logic"])
     # arith: only a right at id 1, only b right at id 4; logic: only a right at id 0
     assert (d["n"], d["b"], d["c"]) == (8, 2, 1)

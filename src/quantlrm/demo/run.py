@@ -111,10 +111,10 @@ def paired_tests(eval_root: Path, bits: tuple[int, ...], methods: tuple[str, ...
     on a few hundred questions, gaps of a few points between methods can be chance."""
     from quantlrm.eval.paired import compare_dirs
 
+    if "quantlrm" not in methods:
+        return []
     out = []
     for b in bits:
-        if "quantlrm" not in methods:
-            continue
         for m in (m for m in methods if m != "quantlrm"):
             d = compare_dirs(eval_root / f"quantlrm-w{b}", eval_root / f"{m}-w{b}", tasks)
             out.append({"bits": b, "method": "quantlrm", "baseline": m, **d})

@@ -38,6 +38,20 @@ def paired(a: str, b: str) -> dict:
             "p": mcnemar_exact(only_a, only_b)}
 
 
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of an evaluation JSONL file up to a torn last line (a crash mid-write), and
+    the bytes they span (the runner truncates the rest before it resumes)."""
+    recs, good = [], 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good += len(line)
+    return recs, good
+
+
 def outcomes(out_dir: str | Path, tasks: list[str],
              ids: dict[str, set[str]] | None = None) -> dict[tuple[str, str], bool]:
     """{(task, question id): correct} of the first sample of each question, from the
@@ -49,8 +63,7 @@ def outcomes(out_dir: str | Path, tasks: list[str],
         path = Path(out_dir) / f"{t}.jsonl"
         if not path.is_file():
             raise QuantLRMError(f"{path} is missing.", f"evaluate the model on {t} with out={out_dir}.")
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
+        for rec in read_records(path)[0]:
             if rec.get("k", 0) == 0 and (ids is None or str(rec["id"]) in ids.get(t, ())):
                 got[(rec["task"], str(rec["id"]))] = bool(rec["correct"])
     return got

@@ -30,6 +30,7 @@ from quantlrm.eval.backends import (
     vllm_usable,
 )
 from quantlrm.eval.graders import extract, normalize_reference
+from quantlrm.eval.paired import read_records
 from quantlrm.eval.tasks import Task, expand_task_names, load_task
 
 log = logging.getLogger(__name__)
@@ -49,22 +50,13 @@ def _write_json(path: Path, obj) -> None:
 
 def _read_done(path: Path) -> dict[tuple[str, int], dict]:
     """Records already written; a torn last line (crash mid-write) is dropped and truncated."""
-    done: dict[tuple[str, int], dict] = {}
     if not path.exists():
-        return done
-    good = 0
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done[(str(r["id"]), int(r["k"]))] = r
-            good += len(line)
+        return {}
+    recs, good = read_records(path)
     if good != path.stat().st_size:
         with path.open("r+b") as f:
             f.truncate(good)
-    return done
+    return {(str(r["id"]), int(r["k"])): r for r in recs}
 
 
 def _score(task: Task, records: list[dict]) -> dict:
