@@ -314,6 +314,23 @@ def test_gpu_bf16x2_gemv_matches_dequant_matmul(bits, monkeypatch):
 
 
 @cuda
+def test_gpu_tune_picks_the_fastest_finalist():
+    """`tune` re-times the first pass's fastest few and keeps the one with the best median; the
+    winner is a candidate that computes the right product."""
+    from quantlrm.kernels import tune
+
+    q = quantize(torch.randn(512, 1024, device="cuda"), 3, 128)
+    kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128, torch.float16)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    best, first, final = tune(x, kw)
+    assert set(first) == set(candidates(kw, 1, torch.float16))
+    assert len(final) == 3 and best in final and final[best] == min(final.values())
+    assert set(final) <= set(sorted(first, key=first.__getitem__)[:3])
+    assert all(0 < v < 10 for v in final.values())  # ms per call of one weight
+    assert _relerr(run_config(x, kw, best), _ref(x, q, torch.float16)) < 3e-3
+
+
+@cuda
 def test_gpu_quantlinear_in_cuda_graph():
     from quantlrm.nn import QuantLinear
 
