@@ -41,7 +41,7 @@ SHORTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 # the 16-bit dtype of the model and activations (--dtype): fp16 runs the half2 GEMV, bf16 the
-# fp32-math GEMV unless QUANTLRM_BF16X2=1 (its bf16x2 form)
+# bf16x2 form of the half2 GEMV unless QUANTLRM_BF16X2=0 (then the fp32-math GEMV)
 HALF, DT = "fp16", torch.float16
 
 
@@ -295,7 +295,7 @@ def main() -> None:
                     help="also time fp16 (compiled) with our attention, to separate its share of the speed-up")
     ap.add_argument("--bits", default="4,3", help="quantized precisions to build and time, e.g. '4' or '4,3'")
     ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16",
-                    help="the model's 16-bit dtype (bf16: the fp32-math GEMV, or bf16x2 with QUANTLRM_BF16X2=1)")
+                    help="the model's 16-bit dtype (bf16: the bf16x2 GEMV, or the fp32-math one with QUANTLRM_BF16X2=0)")
     ap.add_argument("--out", default="decode.json")
     ap.add_argument("--gemv-only", action="store_true",
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
@@ -325,7 +325,7 @@ def main() -> None:
     import triton
 
     res["transformers"], res["triton"] = transformers.__version__, triton.__version__
-    res["bf16x2"] = os.environ.get("QUANTLRM_BF16X2") == "1"  # the half2 GEMV's bf16 form (opt-in)
+    res["bf16x2"] = os.environ.get("QUANTLRM_BF16X2") != "0"  # the half2 GEMV's bf16 form (default since version 8)
     peak = copy_bandwidth()
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)

@@ -2,7 +2,7 @@
 
 Counts are a proxy, not a timing: they show what a code costs the SM's issue slots, which
 matters where the GEMV is not bound by memory alone (BENCHMARKS.md, Kernels). Compares, per
-bit width, the half2 GEMV in fp16, its bf16x2 form (opt-in, QUANTLRM_BF16X2=1) and the
+bit width, the half2 GEMV in fp16, its bf16x2 form (default for bf16 since version 8) and the
 fp32-math GEMV that bf16 models use without it.
 
     python benchmarks/gemv_sass.py
@@ -91,7 +91,7 @@ def main() -> None:
         for name, bn, warps, u, cubin in (
                 ("half2, fp16", 64, 4, 4, compile_h2(bits, False, 64, 4, 4, False)),
                 ("half2, fp16", 64, 4, 1, compile_h2(bits, False, 64, 4, 1, False)),
-                ("bf16x2 (opt-in)", 64, 4, 4, compile_h2(bits, True, 64, 4, 4, False)),
+                ("bf16x2", 64, 4, 4, compile_h2(bits, True, 64, 4, 4, False)),
                 ("fp32 math (bf16 today)", 32, 4, 1, compile_fp32(bits, 32, 4))):
             body = loop_body(cubin, f"{bits}_{u}")
             codes = bn * w * p * u / (warps * 32)

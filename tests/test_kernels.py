@@ -294,7 +294,7 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
 @cuda
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gpu_bf16x2_gemv_matches_dequant_matmul(bits, monkeypatch):
-    """The opt-in bf16x2 form of the half2 GEMV (QUANTLRM_BF16X2=1): every half2 tile, shapes
+    """The bf16x2 form of the half2 GEMV (bf16 activations; QUANTLRM_BF16X2=0 turns it off): every half2 tile, shapes
     off the tile grid, plain and with the gated-MLP epilogue, against dequantize-then-matmul."""
     monkeypatch.setenv("QUANTLRM_BF16X2", "1")
     torch.manual_seed(bits)

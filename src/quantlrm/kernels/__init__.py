@@ -86,12 +86,12 @@ GEMV_CONFIGS = (
 
 
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
-    """The half2 GEMV runs fp16 activations with 2-4 bit codes, compiled only (inline PTX). Its
-    bf16x2 form (bf16 activations) is opt-in with QUANTLRM_BF16X2=1 until it has been timed and
-    checked on a GPU; without it bf16 models use the fp32-math GEMV."""
+    """The half2 GEMV runs fp16 activations, and bf16 ones in its bf16x2 form, with 2-4 bit
+    codes, compiled only (inline PTX). bf16x2 made bf16 decode 10-21% faster than the fp32-math
+    GEMV on an H100 (BENCHMARKS.md, Kernels version 8); QUANTLRM_BF16X2=0 turns it off."""
     if kw.bits > 4 or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and os.environ.get("QUANTLRM_BF16X2") == "1")
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and os.environ.get("QUANTLRM_BF16X2") != "0")
 
 
 # The half2 GEMV's tiles: more words per thread amortise the per-row work (SASS counts,
