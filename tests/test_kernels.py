@@ -100,6 +100,26 @@ def test_from_compressed_tensors_library_packing(bits, g):
     assert torch.equal(L.dequantize(kw, torch.float32), ref.view(40, 256))
 
 
+def test_half2_gemv_is_offered_for_fp16_and_bf16_unless_turned_off(monkeypatch):
+    """bf16 models get the bf16x2 GEMV by default (measured faster, BENCHMARKS.md version 8);
+    QUANTLRM_BF16X2=0 takes it out of the tuner's candidates; 8-bit codes never get it."""
+    from quantlrm.kernels import half2_ok
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("QUANTLRM_BF16X2", raising=False)
+    q = quantize(torch.randn(64, 256), 3, 128)
+    kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128, torch.bfloat16)
+    assert half2_ok(kw, torch.float16) and half2_ok(kw, torch.bfloat16)
+    assert any(c.half2 for c in candidates(kw, 1, torch.bfloat16))
+    assert not half2_ok(kw, torch.float32)
+    monkeypatch.setenv("QUANTLRM_BF16X2", "0")
+    assert half2_ok(kw, torch.float16) and not half2_ok(kw, torch.bfloat16)
+    assert not any(c.half2 for c in candidates(kw, 1, torch.bfloat16))
+    monkeypatch.delenv("QUANTLRM_BF16X2")
+    q8 = quantize(torch.randn(64, 256), 8, 128)
+    assert not half2_ok(L.from_codes(q8.codes, q8.scale, q8.zero, 8, 128, torch.float16), torch.float16)
+
+
 def test_reference_matmul_and_quantlinear_cpu():
     from quantlrm.nn import QuantLinear
 
