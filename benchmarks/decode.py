@@ -69,6 +69,32 @@ def set_linears(model, mods: dict[str, torch.nn.Module]) -> None:
         setattr(model.get_submodule(parent), child, m)
 
 
+def mlp_modules(model) -> dict[str, torch.nn.Module]:
+    """The model's own MLP modules, saved before any fusion (see `install`)."""
+    return {n: m for n, m in model.named_modules() if n.endswith(".mlp") and ".layers." in n}
+
+
+def install(model, mlps: dict[str, torch.nn.Module], mods: dict[str, torch.nn.Module], bits: int | None,
+            fuse: bool = True, gated: bool = True) -> None:
+    """Put one precision's linears in place (bits None: the dense ones). `fuse_projections`
+    swaps each MLP for a GatedMLP that holds its own fused gate/up weight, so setting gate_proj
+    and up_proj afterwards would leave the previous precision's weight running (before this
+    check, the W3 rows of a `--bits 4,3` run decoded with W4 gate/up: BENCHMARKS.md, version 8): the original MLP
+    modules go back first, and every quantized linear reached is checked."""
+    from quantlrm.nn import QuantLinear, fuse_projections
+
+    set_linears(model, mlps)
+    for mod in list(model.modules()):  # the previous precision's fused q/k/v (fuse_projections' fused_*)
+        for child in [n for n, _ in mod.named_children() if n.startswith("fused_")]:
+            delattr(mod, child)
+    set_linears(model, mods)
+    if bits is not None and fuse:
+        fuse_projections(model, gated=gated)
+    wrong = sorted({m.bits for m in model.modules() if isinstance(m, QuantLinear)} - ({bits} if bits else set()))
+    if wrong:
+        raise RuntimeError(f"model meant to run {f'W{bits}' if bits else 'dense'} still holds {wrong}-bit linears")
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -311,7 +337,7 @@ def main() -> None:
 
     from quantlrm.attention import fuse_decode_attention, register
     from quantlrm.models import byte_tokenizer
-    from quantlrm.nn import QuantLinear, fuse_projections
+    from quantlrm.nn import QuantLinear
 
     t_start = time.time()
 
@@ -337,6 +363,7 @@ def main() -> None:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DT).eval()
     dense = {n: m for lst in linears(model).values() for n, m in lst}
+    mlps = mlp_modules(model)
     quant = {}
     for bits in quant_bits:
         quant[bits] = {n: QuantLinear.from_linear(m, bits, args.group_size) for n, m in dense.items()}
@@ -398,9 +425,8 @@ def main() -> None:
         model.config._attn_implementation = attn
         if attn != "sdpa" and not args.no_fused_attention:
             fuse_decode_attention(model)  # only takes effect while the attention is ours
-        set_linears(model, dense if prec == HALF else quant[int(prec[1])])
-        if prec != HALF and not args.no_fuse:
-            fuse_projections(model, gated=not args.no_gated)
+        bits = None if prec == HALF else int(prec[1])
+        install(model, mlps, dense if bits is None else quant[bits], bits, not args.no_fuse, not args.no_gated)
         t0 = time.time()
         r = decode_bench(model, prompts_ids, args.new_tokens, not args.no_graph, comp, args.profile)
         r["setup_s"] = time.time() - t0 - sum(r["latencies_s"])

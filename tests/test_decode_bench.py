@@ -1,0 +1,57 @@
+"""benchmarks/decode.py switches one model between precisions: each must run only its own
+weights (a fused MLP once kept W4 gate/up in the W3 rows)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import decode as D  # noqa: E402
+
+from quantlrm.models import build_model, tiny_config  # noqa: E402
+from quantlrm.nn import GatedMLP, QuantLinear, fuse_projections  # noqa: E402
+
+
+def _bits_in_use(model) -> set[int]:
+    """Bits of the quantized linears the forward pass reaches (fused MLPs and q/k/v included)."""
+    return {m.bits for m in model.modules() if isinstance(m, QuantLinear)}
+
+
+def _setup():
+    model = build_model(tiny_config("llama"), 0, torch.float32)
+    dense = {n: m for lst in D.linears(model).values() for n, m in lst}
+    quant = {b: {n: QuantLinear.from_linear(m, b, 32) for n, m in dense.items()} for b in (4, 3)}
+    return model, dense, quant, D.mlp_modules(model)
+
+
+def test_install_switches_every_linear_between_precisions():
+    model, dense, quant, mlps = _setup()
+    x = torch.randint(0, 256, (1, 8))
+    outs = {}
+    for bits in (4, 3, None, 3):
+        D.install(model, mlps, dense if bits is None else quant[bits], bits)
+        assert _bits_in_use(model) == ({bits} if bits else set())
+        if bits:
+            assert all(isinstance(model.get_submodule(n), GatedMLP) for n in mlps)
+            assert {model.get_submodule(n).gate_up.bits for n in mlps} == {bits}
+        with torch.no_grad():
+            outs.setdefault(bits, []).append(model(x).logits)
+    torch.testing.assert_close(outs[3][0], outs[3][1])  # W3 after dense = W3 after W4
+    assert not torch.allclose(outs[3][0], outs[4][0])
+
+
+def test_plain_set_linears_keeps_the_old_fused_mlp():
+    """The bug `install` fixes: setting linears on a fused model leaves W4 gate/up in place."""
+    model, _, quant, _ = _setup()
+    D.set_linears(model, quant[4])
+    fuse_projections(model, gated=True)
+    D.set_linears(model, quant[3])
+    fuse_projections(model, gated=True)
+    assert _bits_in_use(model) == {3, 4}
+    with pytest.raises(RuntimeError, match="still holds"):
+        D.install(model, {}, quant[3], 3)  # without restoring the MLPs the check catches it
