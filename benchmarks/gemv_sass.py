@@ -3,7 +3,7 @@
 Counts are a proxy, not a timing: they show what a code costs the SM's issue slots, which
 matters where the GEMV is not bound by memory alone (BENCHMARKS.md, Kernels). Compares, per
 bit width, the half2 GEMV in fp16, its bf16x2 form (default for bf16 since version 8) and the
-fp32-math GEMV that bf16 models use without it.
+fp32-math GEMV (bf16 models before version 8, or with QUANTLRM_BF16X2=0).
 
     python benchmarks/gemv_sass.py
 """
@@ -92,7 +92,7 @@ def main() -> None:
                 ("half2, fp16", 64, 4, 4, compile_h2(bits, False, 64, 4, 4, False)),
                 ("half2, fp16", 64, 4, 1, compile_h2(bits, False, 64, 4, 1, False)),
                 ("bf16x2", 64, 4, 4, compile_h2(bits, True, 64, 4, 4, False)),
-                ("fp32 math (bf16 today)", 32, 4, 1, compile_fp32(bits, 32, 4))):
+                ("fp32 math (bf16 before version 8)", 32, 4, 1, compile_fp32(bits, 32, 4))):
             body = loop_body(cubin, f"{bits}_{u}")
             codes = bn * w * p * u / (warps * 32)
             print(f"| W{bits} | {name} | {bn}, {warps}, {u} | {len(body)} | {codes:.1f} | {len(body) / codes:.2f} "

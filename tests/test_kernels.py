@@ -115,6 +115,10 @@ def test_half2_gemv_is_offered_for_fp16_and_bf16_unless_turned_off(monkeypatch):
     monkeypatch.setenv("QUANTLRM_BF16X2", "0")
     assert half2_ok(kw, torch.float16) and not half2_ok(kw, torch.bfloat16)
     assert not any(c.half2 for c in candidates(kw, 1, torch.bfloat16))
+    monkeypatch.setenv("QUANTLRM_BF16X2", "False")
+    assert not half2_ok(kw, torch.bfloat16)
+    monkeypatch.setenv("QUANTLRM_BF16X2", "1")
+    assert half2_ok(kw, torch.bfloat16)
     monkeypatch.delenv("QUANTLRM_BF16X2")
     q8 = quantize(torch.randn(64, 256), 8, 128)
     assert not half2_ok(L.from_codes(q8.codes, q8.scale, q8.zero, 8, 128, torch.float16), torch.float16)
@@ -250,7 +254,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
             assert got.shape == (1, n // 2), (c, got.shape)
             err = float((got - ref).norm() / ref.norm())
             assert err < 2e-3, (bits, n, k, g, c, err)
-    # the half2 GEMV's bf16x2 form (opt-in), its PTX pair emulated: bf16 rounds each product and a
+    # the half2 GEMV's bf16x2 form (bf16 default), its PTX pair emulated: bf16 rounds each product and a
     # word's sum (2-4.6e-3 measured here, against 1-3e-3 for torch's bf16 matmul)
     for bits, n, k, g in ((3, 40, 96, 32), (4, 34, 256, 128), (3, 11, 300, 300), (2, 6, 256, 128), (3, 7, 640, 128)):
         q = quantize(torch.randn(n, k), bits, g)

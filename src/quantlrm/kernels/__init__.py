@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,7 +60,8 @@ class Config:
 
     gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
-    fp16 arithmetic on code pairs (fp16 activations, 2-4 bits; `_gemv_h2_kernel`); gemm:
+    16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
+    `_gemv_h2_kernel`); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
 
@@ -88,10 +90,12 @@ GEMV_CONFIGS = (
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
     """The half2 GEMV runs fp16 activations, and bf16 ones in its bf16x2 form, with 2-4 bit
     codes, compiled only (inline PTX). bf16x2 made bf16 decode 10-21% faster than the fp32-math
-    GEMV on an H100 (BENCHMARKS.md, Kernels version 8); QUANTLRM_BF16X2=0 turns it off."""
+    GEMV on an H100 at W4 (BENCHMARKS.md, Kernels version 8); QUANTLRM_BF16X2=0 (or false/off/no)
+    turns it off."""
     if kw.bits > 4 or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and os.environ.get("QUANTLRM_BF16X2") != "0")
+    off = os.environ.get("QUANTLRM_BF16X2", "").strip().lower() in ("0", "false", "off", "no")
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not off)
 
 
 # The half2 GEMV's tiles: more words per thread amortise the per-row work (SASS counts,
@@ -326,9 +330,14 @@ def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3
     """Time every candidate for this call's shape: (best, first pass {config: ms per call},
     finalists {config: median ms per call}).
 
-    One timing is noisy (W3 decode moved ~5% between calls of one build, run 28 vs 29), so the
-    `finalists` fastest of a first pass are timed `rounds` more times, interleaved, and the
-    best median wins. Needs CUDA and no graph capture in progress."""
+    A single timing can mislead (the fp32-math GEMV's tuner picked different down_proj tiles in
+    two runs of one build, BENCHMARKS.md version 8), so the `finalists` fastest of a first pass
+    are timed `rounds` more times, interleaved, and the best median wins. Needs CUDA and no
+    graph capture in progress."""
+    if finalists < 1 or rounds < 0:
+        raise ValueError("tune needs at least one finalist and a non-negative number of rounds")
+    if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
+        raise ValueError("tune times kernels on a CUDA device, outside CUDA-graph capture")
     m = x2.shape[0]
     cands = candidates(kw, m, x2.dtype)
     # Time each candidate over enough copies of the weight to overflow L2 (~100 MB), so the
@@ -349,7 +358,7 @@ def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3
     for _ in range(rounds if len(top) > 1 else 0):
         for c in top:
             times[c].append(cost(c))
-    final = {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+    final = {c: statistics.median(t) for c, t in times.items() if statistics.median(t) < float("inf")}
     best = min(final, key=final.__getitem__) if final else cands[0]
     return best, first, final
 

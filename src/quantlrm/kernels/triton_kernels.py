@@ -8,7 +8,8 @@ Code i of the words of a block multiplies the activations 2*((i % H)*W + j) + i 
 - `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks their
   blocks one per step (split-K over blocks, reduced in the kernel: `_store_rows`); weights are
   read once with wide loads and dequantized in registers, one scale and zero point per row
-  and block. `_gemv_h2_kernel` is the same walk in half2 arithmetic for fp16 activations,
+  and block. `_gemv_h2_kernel` is the same walk in half2 arithmetic for fp16 activations
+  (bf16x2 for bf16 ones),
   U blocks per step (all of a step's word loads in flight before any is decoded).
 - `_gemm_kernel` (2..N rows): tensor-core `tl.dot` on one block per step, dequantized in
   registers (the block is walked in word order; the activations are gathered).
