@@ -870,8 +870,10 @@ def parse_args(argv=None):
                          "same training settings (on the GPU machine: a call made while it is still warm)")
     ap.add_argument("--serial", action="store_true", help="models one after the other, not in parallel")
     ap.add_argument("--train-seconds", type=float, default=170, help="all four training stages together")
-    ap.add_argument("--stage-shares", type=float, nargs=4, default=[0.5, 0.2, 0.12, 0.18],
-                    metavar=("PT", "SFT", "DPO", "RL"), help="shares of --train-seconds per stage")
+    ap.add_argument("--stage-shares", type=float, nargs=4, default=[0.45, 0.2, 0.1, 0.25],
+                    metavar=("PT", "SFT", "DPO", "RL"),
+                    help="shares of --train-seconds per stage (the RL share was 0.18 until runs 7-8, where it "
+                         "left two models one rollout of 4 updates at --train-seconds 140; run 6's 0.25 gave 3)")
     ap.add_argument("--min-eval-seconds", type=float, default=150,
                     help="training is shortened so that at least this much is left for the rows")
     ap.add_argument("--pt-steps", type=int, default=100000)
