@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -79,8 +78,9 @@ def install(model, mlps: dict[str, torch.nn.Module], mods: dict[str, torch.nn.Mo
     """Put one precision's linears in place (bits None: the dense ones). `fuse_projections`
     swaps each MLP for a GatedMLP that holds its own fused gate/up weight, so setting gate_proj
     and up_proj afterwards would leave the previous precision's weight running (before this
-    check, the W3 rows of a `--bits 4,3` run decoded with W4 gate/up: BENCHMARKS.md, version 8): the original MLP
-    modules go back first, and every quantized linear reached is checked."""
+    function, the W3 rows of a `--bits 4,3` run decoded with W4 gate/up: BENCHMARKS.md,
+    version 8). So the original MLP modules go back first, and every quantized linear reached
+    is checked."""
     from quantlrm.nn import QuantLinear, fuse_projections
 
     set_linears(model, mlps)
@@ -336,6 +336,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from quantlrm.attention import fuse_decode_attention, register
+    from quantlrm.kernels import bf16x2_enabled
     from quantlrm.models import byte_tokenizer
     from quantlrm.nn import QuantLinear
 
@@ -351,7 +352,7 @@ def main() -> None:
     import triton
 
     res["transformers"], res["triton"] = transformers.__version__, triton.__version__
-    res["bf16x2"] = os.environ.get("QUANTLRM_BF16X2") != "0"  # the half2 GEMV's bf16 form (default since version 8)
+    res["bf16x2"] = bf16x2_enabled()  # the half2 GEMV's bf16 form (default since version 8)
     peak = copy_bandwidth()
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)

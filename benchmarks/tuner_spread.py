@@ -1,10 +1,10 @@
-"""How stable is the kernel tuner's choice? (W3 decode moved ~5% between calls of one build.)
+"""How stable is the kernel tuner's choice, tuning one shape several times?
 
 For each fused decode shape of an 8B-shaped Llama (qkv, o, gate_up, down) and each precision,
 run `quantlrm.kernels.tune` several times on fresh weights and record, per trial: the
 first-pass winner (the tuner before the re-timing of finalists), the final winner, and every
-finalist's median time. If the first-pass winner changes from trial to trial while the
-finalists' medians are close, the spread between decode runs came from the tuner's noise.
+finalist's median time. A winner that changes from trial to trial while the finalists'
+medians are close would make decode speed vary between runs of one build.
 
     PYTHONPATH=src python3 benchmarks/tuner_spread.py --out tuner_spread.json   # GPU machine
 """
@@ -16,13 +16,9 @@ import json
 import time
 
 import torch
+from decode import describe  # the decode benchmark's one-line tile description
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def describe(c) -> str:
-    return (f"{c.kind} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={int(c.x32)} h2={int(c.half2)} "
-            f"pf={int(c.prefetch)} u{c.blocks_per_step}")
 
 
 def random_weight(n: int, k: int, bits: int, dtype: torch.dtype):

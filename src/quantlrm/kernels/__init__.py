@@ -18,7 +18,7 @@ import torch
 
 from quantlrm.kernels.layout import KernelWeight, dequantize, reference_matmul
 
-__all__ = ["KernelWeight", "Config", "qmatmul", "qmatmul_op", "candidates", "run_config", "triton_available", "tune",
+__all__ = ["KernelWeight", "Config", "qmatmul", "qmatmul_op", "candidates", "run_config", "triton_available", "tune", "bf16x2_enabled",
            "dequantize", "reference_matmul", "gated"]
 
 
@@ -87,15 +87,19 @@ GEMV_CONFIGS = (
 )
 
 
+def bf16x2_enabled() -> bool:
+    """Whether bf16 activations may take the half2 GEMV's bf16x2 form: yes unless
+    QUANTLRM_BF16X2 is 0, false, off or no. It made bf16 W4 decode 10-13% faster than the
+    fp32-math GEMV on an H100 (BENCHMARKS.md, Kernels version 8)."""
+    return os.environ.get("QUANTLRM_BF16X2", "").strip().lower() not in ("0", "false", "off", "no")
+
+
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
-    """The half2 GEMV runs fp16 activations, and bf16 ones in its bf16x2 form, with 2-4 bit
-    codes, compiled only (inline PTX). bf16x2 made bf16 decode 10-21% faster than the fp32-math
-    GEMV on an H100 at W4 (BENCHMARKS.md, Kernels version 8); QUANTLRM_BF16X2=0 (or false/off/no)
-    turns it off."""
+    """The half2 GEMV runs fp16 activations, and bf16 ones in its bf16x2 form (`bf16x2_enabled`),
+    with 2-4 bit codes, compiled only (inline PTX)."""
     if kw.bits > 4 or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    off = os.environ.get("QUANTLRM_BF16X2", "").strip().lower() in ("0", "false", "off", "no")
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and not off)
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and bf16x2_enabled())
 
 
 # The half2 GEMV's tiles: more words per thread amortise the per-row work (SASS counts,
@@ -358,7 +362,8 @@ def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3
     for _ in range(rounds if len(top) > 1 else 0):
         for c in top:
             times[c].append(cost(c))
-    final = {c: statistics.median(t) for c, t in times.items() if statistics.median(t) < float("inf")}
+    medians = {c: statistics.median(t) for c, t in times.items()}
+    final = {c: v for c, v in medians.items() if v < float("inf")}
     best = min(final, key=final.__getitem__) if final else cands[0]
     return best, first, final
 
