@@ -9,6 +9,8 @@ and reuses one uniform activation load per code pair for all of them; no lane is
 2.45 instructions per code for W3, 2.55 for W4 (product 2.91). On the H100 it was no faster
 (runs 21 and 22, BENCHMARKS.md, Kernels, version 7): 0.68-1.01x the product, best only with the
 most split-K, i.e. bound by each program's serial latency, not by instructions.
+Its W3 walk reads that first W3 layout; since the product's W3 moved to three-word lanes
+(version 10) it refuses 3-bit weights and runs W2, W4 and W8.
 
 Same method as gemv_sweep.py: every configuration runs over enough copies of the weight to
 overflow L2, in one CUDA graph; bytes moved / time against the measured copy bandwidth. Random
@@ -121,6 +123,9 @@ def run_rows_in_lanes(x2: torch.Tensor, kw, cfg) -> torch.Tensor:
     from quantlrm.kernels import _workspace
 
     n, k, nb = kw.out_features, kw.in_features, kw.n_blocks
+    if kw.word_rows != 1:
+        raise ValueError("the rows-in-lanes prototype reads the first W3 layout (13 one-row words a block), "
+                         "not the product's current three-word lanes; it runs W2, W4 and W8 only")
     if x2.shape[0] != 1:
         raise ValueError("the rows-in-lanes GEMV takes one activation row")
     tiled = kw.packed.dim() == 3
@@ -195,7 +200,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="rows_in_lanes.json")
-    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4])
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args()
     t0 = time.time()

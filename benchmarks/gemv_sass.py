@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from quantlrm.kernels import triton_kernels as tk  # noqa: E402
-from quantlrm.kernels.layout import geometry  # noqa: E402
+from quantlrm.kernels.layout import geometry, lanes, word_rows  # noqa: E402
 
 NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -42,31 +42,41 @@ def loop_body(cubin: bytes, tag: str) -> list[str]:
     return [ln for ln, a in zip(lines, addr, strict=True) if best[0] <= a <= best[1]]
 
 
-def compile_h2(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch: bool) -> bytes:
+def layout_consts(bits: int) -> dict:
+    """The kernels' layout constants for B = 128 (as `kernels._layout_args`)."""
     _, p, w, _ = geometry(bits, 128, 4096)
-    w_pad = 1 << (w - 1).bit_length()
+    n_lanes, t = lanes(bits, 128), word_rows(bits)
+    return dict(BITS=bits, P=p, B=128, W=w, L=n_lanes, T=t, S=t * (p // 2) + (bits == 3),
+                L_PAD=1 << (n_lanes - 1).bit_length())
+
+
+def codes_per_block(bits: int) -> int:
+    """Code slots a block's walk decodes (padding included)."""
+    c = layout_consts(bits)
+    return 2 * c["S"] * c["L_PAD"]
+
+
+def compile_h2(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch: bool) -> bytes:
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": dt, "z_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "N": "i32", "K": "i32", "n_blocks": "i32", "blocks_per_split": "i32",
-           "stride_p": "i32", "stride_s": "i32"}
-    const = dict(BITS=bits, P=p, B=128, W=w, W_PAD=w_pad, GB=1, BLOCK_N=block_n, EVEN_N=True, EVEN_K=True,
-                 MODE=2, PREFETCH=prefetch, U=u, FULL=True, ACT=False, EMULATE=False, BF16=bf16)
+           "stride_s": "i32"}
+    const = dict(GB=1, BLOCK_N=block_n, EVEN_N=True, EVEN_K=True, MODE=2, PREFETCH=prefetch, U=u, FULL=True,
+                 ACT=False, EMULATE=False, BF16=bf16, **layout_consts(bits))
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(13) if i not in (9, 10)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12) if i not in (9, 10)}
     src = ASTSource(fn=tk._gemv_h2_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
 
 
 def compile_fp32(bits: int, block_n: int, warps: int) -> bytes:
-    _, p, w, _ = geometry(bits, 128, 4096)
-    w_pad = 1 << (w - 1).bit_length()
     sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
            "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_blocks": "i32",
-           "blocks_per_split": "i32", "stride_p": "i32", "stride_s": "i32", "stride_xp": "i32", "code_mask": "i32"}
-    const = dict(BITS=bits, P=p, B=128, W=w, W_PAD=w_pad, GB=1, BLOCK_N=block_n, XKIND=1, EVEN_N=True,
-                 EVEN_K=True, MODE=2, ACT=False, MR=1)
+           "blocks_per_split": "i32", "stride_s": "i32", "stride_xp": "i32", "code_mask": "i32"}
+    const = dict(GB=1, BLOCK_N=block_n, XKIND=1, EVEN_N=True, EVEN_K=True, MODE=2, ACT=False, MR=1,
+                 **layout_consts(bits))
     sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(16) if i not in (7, 8, 9, 10, 11, 15)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(15) if i not in (7, 8, 9, 10, 14)}
     src = ASTSource(fn=tk._gemv_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
 
@@ -87,14 +97,13 @@ def main() -> None:
           "| global loads in the loop |")
     print("|---|---|---|---|---|---|---|")
     for bits in (4, 3, 2):
-        _, p, w, _ = geometry(bits, 128, 4096)
         for name, bn, warps, u, cubin in (
                 ("half2, fp16", 64, 4, 4, compile_h2(bits, False, 64, 4, 4, False)),
                 ("half2, fp16", 64, 4, 1, compile_h2(bits, False, 64, 4, 1, False)),
                 ("bf16x2", 64, 4, 4, compile_h2(bits, True, 64, 4, 4, False)),
                 ("fp32 math (bf16 before version 8)", 32, 4, 1, compile_fp32(bits, 32, 4))):
             body = loop_body(cubin, f"{bits}_{u}")
-            codes = bn * w * p * u / (warps * 32)
+            codes = bn * codes_per_block(bits) * u / (warps * 32)
             print(f"| W{bits} | {name} | {bn}, {warps}, {u} | {len(body)} | {codes:.1f} | {len(body) / codes:.2f} "
                   f"| {loads(body)} |")
 

@@ -6,6 +6,7 @@ measured copy bandwidth, next to fp16 cuBLAS on the same shapes in the same run.
 are random words in the kernel layout: speed does not depend on their values.
 
     PYTHONPATH=src python3 benchmarks/gemv_sweep.py --out sweep.json
+    PYTHONPATH=src python3 benchmarks/gemv_sweep.py --half2 --bits 3 --out sweep_h2.json   # the half2 tiles
 """
 
 from __future__ import annotations
@@ -52,6 +53,60 @@ def grid():
             yield Config("gemv", block_n=bn, num_warps=w, x32=x32)
 
 
+# the fused linears of `load_quantized` (q/k/v and gate/up in one launch each)
+FUSED_SHAPES = {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336), "qkv_proj": (6144, 4096),
+                "o_proj": (4096, 4096)}
+
+
+def half2_grid(lanes: int):
+    """The half2 GEMV's tiles: rows, warps, split-K, blocks per step, prefetch; 1-16 lane tiles a thread."""
+    from quantlrm.kernels import Config
+
+    for bn, w, sk, u, pf in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4),
+                                              (False, True)):
+        if 1 <= bn * u * lanes / (32 * w) <= 16:
+            yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True)
+
+
+def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
+    """Every half2 tile on the fused shapes, against the tuner's own choice from its candidates."""
+    from quantlrm.kernels import run_config, tune
+
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    for bi, bits in enumerate(args.bits):
+        stop = t0 + args.budget * (bi + 1) / len(args.bits)
+        for short, (n, k) in FUSED_SHAPES.items():
+            kws = [kw for kw in random_layout(n, k, bits, args.group_size, args.copies)]
+            for kw in kws:
+                kw.scale, kw.zero = kw.scale.to(dt), kw.zero.to(dt)
+            x = torch.randn(1, k, device="cuda", dtype=dt)
+            nbytes = kws[0].nbytes() + 2 * (n + k)
+            chosen, _, final = tune(x, kws[0])
+            t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
+            tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
+            best = None
+            for c in half2_grid(kws[0].lanes):
+                if time.time() > stop:
+                    res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
+                    break
+                try:
+                    t = graph_time(lambda kws=kws, x=x, c=c: [run_config(x, kw, c) for kw in kws]) / len(kws)
+                except Exception as e:  # noqa: BLE001 -- a config that does not compile is reported
+                    res["rows"].append(dict(bits=bits, linear=short, config=repr(c), error=repr(e)[:200]))
+                    continue
+                row = dict(bits=bits, linear=short, config=repr(c), us=t * 1e6, frac=nbytes / t / peak)
+                res["rows"].append(row)
+                if best is None or row["us"] < best["us"]:
+                    best = row
+            res["best"][f"W{bits} {short}"] = dict(grid=best, tuner=tuned)
+            if best:
+                print(f"W{bits} {short}: tuner {tuned['config']} {tuned['us']:.1f} us ({tuned['frac']:.0%}); "
+                      f"grid best {best['config']} {best['us']:.1f} us ({best['frac']:.0%}) [{time.time() - t0:.0f}s]",
+                      flush=True)
+            dump()
+            del kws
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="sweep.json")
@@ -59,6 +114,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")
+    ap.add_argument("--half2", action="store_true",
+                    help="sweep the half2 GEMV's tiles on the fused shapes instead of the fp32-math GEMV's")
+    ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="activations of --half2 (bf16: bf16x2)")
     args = ap.parse_args()
 
     from quantlrm.kernels import GEMV_CONFIGS, Config, run_config
@@ -72,6 +130,10 @@ def main() -> None:
         res["wall_s"] = time.time() - t0
         Path(args.out).write_text(json.dumps(res, indent=1))
 
+    if args.half2:
+        sweep_half2(args, peak, res, t0, dump)
+        dump()
+        return
     for short, (n, k) in SHAPES.items():
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(args.copies)]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)

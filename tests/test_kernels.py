@@ -51,23 +51,33 @@ def test_pack_matches_compressed_tensors(bits, cols):
 
 
 @pytest.mark.parametrize("bits,g,cols", [(2, 128, 256), (3, 128, 256), (4, 64, 192), (8, 32, 96),
-                                         (3, 100, 100), (4, 300, 300), (3, 96, 288), (3, 256, 512)])
+                                         (3, 100, 100), (4, 300, 300), (3, 96, 288), (3, 256, 512),
+                                         (3, 160, 320), (3, 32, 64), (3, 48, 96)])
 def test_block_layout_round_trips_and_matches_its_definition(bits, g, cols):
-    """Code i of word j of block b is channel b*B + 2*((i % H)*W + j) + i // H, at bit
-    bits*(i % H) + 16*(i // H) (module docstring), checked one code at a time, plus the
-    vectorised unpacking."""
+    """Channel r of block b is pair m = r // 2, half r % 2, slot s and lane j = divmod(m, L);
+    slot s < T*H is pair p of word (t, j), (t, p) = divmod(s, H), at bit bits*p + 16*half; the
+    3-bit spare slot 15 has bit k at bit 15 + 16*half of word (k, j) (module docstring),
+    checked one code at a time, plus the vectorised unpacking."""
     codes = torch.randint(0, 2**bits, (3, cols), dtype=torch.uint8)
     packed = L.pack_blocks(codes, bits, g)
     B, P = L.block_size(g, cols), L.codes_per_word(bits)
-    W = -(-B // P)
+    H, T = P // 2, (3 if bits == 3 else 1)
+    lanes = -(-B // (32 if bits == 3 else P))
+    W = T * lanes
     assert packed.shape == (3, -(-cols // B) * W)
     for row in range(3):
+        words = [int(v) & 0xFFFFFFFF for v in packed[row]]
         for k in range(cols):
             b, r = divmod(k, B)
             half = r % 2
-            pair, j = divmod(r // 2, W)
-            word = int(packed[row, b * W + j]) & 0xFFFFFFFF
-            assert (word >> (bits * pair + 16 * half)) & (2**bits - 1) == int(codes[row, k])
+            s, j = divmod(r // 2, lanes)
+            if s < T * H:
+                t, p = divmod(s, H)
+                code = (words[b * W + t * lanes + j] >> (bits * p + 16 * half)) & (2**bits - 1)
+            else:
+                assert bits == 3 and s == 15
+                code = sum(((words[b * W + t * lanes + j] >> (15 + 16 * half)) & 1) << t for t in range(3))
+            assert code == int(codes[row, k]), (row, k)
     assert torch.equal(L.unpack_blocks(packed, bits, g, cols), codes)
 
 
@@ -81,7 +91,7 @@ def test_block_sizes_and_bytes():
         L.codes_per_word(5)
     q = quantize(torch.randn(8, 256), 3, 128)
     kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128)
-    assert kw.packed.shape == (8, 26)  # 13 words of 10 codes per 128-channel block: 3.25 bits
+    assert kw.packed.shape == (8, 24)  # 12 words (4 lanes of 3) per 128-channel block: 3 bits
 
 
 @pytest.mark.parametrize("bits,g", [(3, 32), (4, 128), (3, 64)])
@@ -193,8 +203,10 @@ _INTERP_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     worst = 0.0
     cases = ((3, 40, 96, 32), (4, 33, 256, 128), (3, 17, 256, 64), (4, 9, 100, 100), (3, 9, 100, 100),
-             (4, 20, 96, 48), (3, 7, 640, 128), (2, 5, 256, 128), (8, 6, 160, 160), (3, 11, 300, 300))
-    # odd K per channel (one padded block), g=48 and g=160 (B=80): W not a power of two
+             (4, 20, 96, 48), (3, 7, 640, 128), (2, 5, 256, 128), (8, 6, 160, 160), (3, 11, 300, 300),
+             (3, 6, 320, 160), (3, 5, 96, 48))
+    # odd K per channel (one padded block), g=48 and g=160 (B=80): lanes not a power of two, and
+    # W3 blocks whose last lane is part padding
     for bits, n, k, g in cases:
         q = quantize(torch.randn(n, k), bits, g)
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.float16)
@@ -256,7 +268,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
             assert err < 2e-3, (bits, n, k, g, c, err)
     # the half2 GEMV's bf16x2 form (bf16 default), its PTX pair emulated: bf16 rounds each product and a
     # word's sum (2-4.6e-3 measured here, against 1-3e-3 for torch's bf16 matmul)
-    for bits, n, k, g in ((3, 40, 96, 32), (4, 34, 256, 128), (3, 11, 300, 300), (2, 6, 256, 128), (3, 7, 640, 128)):
+    for bits, n, k, g in ((3, 40, 96, 32), (4, 34, 256, 128), (3, 11, 300, 300), (2, 16, 256, 128), (3, 7, 640, 128),
+                        (3, 6, 320, 160)):
         q = quantize(torch.randn(n, k), bits, g)
         kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, torch.bfloat16)
         x = torch.randn(1, k).bfloat16()
@@ -266,7 +279,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
             y = run_config(x, kw, c)
             err = float((y.float() - ref).norm() / ref.norm())
             assert y.dtype == torch.bfloat16 and err < 8e-3, (bits, n, k, g, c, err)
-        if n % 2 == 0:  # the gated-MLP epilogue on the bf16x2 walk
+        if n % 2 == 0:  # the gated-MLP epilogue on the bf16x2 walk (8+ outputs: with 3, one draw in
+            # six had a product near cancellation, and its relative error reached 8e-2 before any change)
             gref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
             gy = run_config(x, kw, Config("gemv", block_n=8, split_k=2, half2=True, blocks_per_step=2), act=True)
             # silu(gate) * up compounds both rows' errors and rounds to bf16 once more (9e-3 seen)

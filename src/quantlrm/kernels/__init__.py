@@ -137,9 +137,12 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
         tiles = ((32, 64, 1, 4, 3), (64, 64, 1, 4, 3), (32, 128, 2, 4, 3))
     else:
         tiles = ((64, 128, 1, 4, 2), (128, 128, 1, 8, 2), (128, 64, 1, 4, 2))
-    # W3's padded block (256 slots) doubles the weight tile in shared memory: fewer stages keep
-    # every candidate within the card's 227 KB (3 stages of a 256 x 128 tile needed 328 KB).
-    b_pad = _pow2(kw.per_word * kw.words_per_block)
+    # A padded block of 256 slots (W8 at B=128 has none; the first W3 layout had them) doubles
+    # the weight tile in shared memory: fewer stages keep every candidate within the card's
+    # 227 KB (3 stages of a 256 x 128 tile needed 328 KB).
+    # W3's GEMM also gathers its spare codes from three more word tiles of the same size, which
+    # the pipeline buffers too (3 stages of 128 x 128 asked for 276 KB on an H100).
+    b_pad = _pow2(_slots_per_block(kw)) * (4 if kw.bits == 3 else 1)
     out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w,
                   num_stages=max(1, min(st, 3 * 128 * 128 // (b_pad * bn))))
            for bm, bn, sk, w, st in tiles]
@@ -153,8 +156,14 @@ def _pow2(n: int) -> int:
 
 
 def _layout_args(kw: KernelWeight) -> dict:
-    w = kw.words_per_block
-    return dict(BITS=kw.bits, B=kw.block, W=w)
+    n_lanes, t = kw.lanes, kw.word_rows
+    return dict(BITS=kw.bits, P=kw.per_word, B=kw.block, W=kw.words_per_block, L=n_lanes, T=t,
+                S=t * (kw.per_word // 2) + (1 if kw.bits == 3 else 0))
+
+
+def _slots_per_block(kw: KernelWeight) -> int:
+    """Code slots the GEMM walks per block: every word's codes, plus 3 bits' spare codes."""
+    return kw.per_word * kw.words_per_block + (2 * kw.lanes if kw.bits == 3 else 0)
 
 
 def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> torch.Tensor:
@@ -166,8 +175,8 @@ def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> t
     pairs = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0) if k % 2 == 0 else 0
     grid = (tk.cdiv(n, block_n), kw.n_blocks)
     tk._dequant_kernel[grid](kw.packed, kw.scale, kw.zero, w.view(torch.int32) if pairs else w, n, k,
-                             kw.packed.stride(0), kw.scale.stride(0), kw.group_size, P=kw.per_word,
-                             W_PAD=_pow2(kw.words_per_block), BLOCK_N=block_n, PAIRS=pairs, **_layout_args(kw))
+                             kw.packed.stride(0), kw.scale.stride(0), kw.group_size,
+                             L_PAD=_pow2(kw.lanes), BLOCK_N=block_n, PAIRS=pairs, **_layout_args(kw))
     return w
 
 
@@ -258,24 +267,27 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             xin = torch.nn.functional.pad(xin, (0, 1))
         pairs = xin.view(torch.int64 if xin.dtype == torch.float32 else torch.int32)
         wsp, cnt = ws if ws is not None else (y, y)  # unused unless MODE 2
-        meta = dict(P=kw.per_word, W_PAD=_pow2(kw.words_per_block), GB=gb, BLOCK_N=cfg.block_n,
+        if kw.packed.stride() != (nb * kw.words_per_block, 1):  # the GEMVs assume contiguous rows
+            raise ValueError(f"packed weight of shape {tuple(kw.packed.shape)} and strides {kw.packed.stride()} is "
+                             "not contiguous rows of n_blocks * W words")
+        meta = dict(L_PAD=_pow2(kw.lanes), GB=gb, BLOCK_N=cfg.block_n,
                     EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
-                                     kw.packed.stride(0), kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
+                                     kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
                                      BF16=x2.dtype == torch.bfloat16, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,
-                                  kw.packed.stride(0), kw.scale.stride(0), pairs.stride(0), (1 << kw.bits) - 1,
+                                  kw.scale.stride(0), pairs.stride(0), (1 << kw.bits) - 1,
                                   XKIND=xkind, MR=_pow2(m), **meta)
     else:
         grid = (tk.cdiv(m, cfg.block_m), tk.cdiv(n, cfg.block_n), split)
         tk._gemm_kernel[grid](x2, kw.packed, kw.scale, kw.zero, y, m, n, k, nb, per, x2.stride(0), y.stride(0),
-                              kw.packed.stride(0), kw.scale.stride(0), kw.group_size, P=kw.per_word,
-                              B_PAD=_pow2(kw.per_word * kw.words_per_block),
+                              kw.packed.stride(0), kw.scale.stride(0), kw.group_size,
+                              B_PAD=_pow2(_slots_per_block(kw)),
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
                               num_stages=cfg.num_stages, **common)
     y = y.to(x2.dtype) if y.dtype != x2.dtype else y

@@ -8,19 +8,25 @@ itself. The zero point is packed the same way but along the *output* dim
 (`weight_zero_point` int32 [ceil(out*bits/32), in/g]); `weight_scale` is [out, in/g].
 
 Kernel layout (built once at load, `KernelWeight`), chosen so that the GEMV decodes every code
-with one shift and one mask and reads the activations it needs as short contiguous runs:
+with one shift and one mask, reads the words with 16-byte loads and the activations it needs as
+short contiguous runs:
 - a row is cut into blocks of B input channels (B = 128 when the group size is a multiple of
   128 or the row has one group; else B = the group size, or its largest divisor in 32..128),
   so every block lies inside one group and needs one scale and one zero point;
-- a word holds P codes (P = 32 // bits; 10 for 3 bits) as two 16-bit halves of H = P/2 codes,
-  code i at bit R(i) = bits*(i % H) + 16*(i // H) (3 bits: bits 15 and 31 unused). A block has
-  W = ceil(B / P) words. The two halves of a word hold neighbouring channels: code i of word j
-  is the block's channel 2*((i % H)*W + j) + i // H (channels past B are zero padding). So the
-  code pair (i, i + H) sits at bits r and r + 16 and multiplies the activation pair
-  (2m, 2m + 1), m = (i % H)*W + j: one 32-bit load of fp16 activations and one and-or per
-  pair give the half2 operands of the fp16 GEMV (`_gemv_h2_kernel`).
+- a word holds P = 2H codes (P = 32 // bits, but 10 for 3 bits) as two 16-bit halves of H
+  codes: pair p of a word is the codes at bits bits*p and bits*p + 16;
+- a block has L lanes of T words each (T = 3 for 3 bits, else 1), stored word-row by word-row:
+  word (t, j) at t*L + j, W = T*L words a block. Lane j's code pairs are numbered by slot
+  s = t*H + p, and 3 bits add one slot, s = 3H = 15, whose codes are spread over the three
+  words' spare bits: bit k of its low code is bit 15 of word (k, j), of its high code bit 31.
+  So a 3-bit lane is exactly 32 codes in 3 words, and a 3-bit block of 128 is 12 words (three
+  16-byte loads of 4 lanes), where the first layout took 13 (10 codes a word, 3.25 bits);
+- slot s of lane j multiplies the activation pair m = s*L + j, channels 2m (low code) and
+  2m + 1 (high code): one 32-bit load of fp16 activations and one and-or per pair give the
+  half2 operands of the fp16 GEMV (`_gemv_h2_kernel`), and the L lanes of a slot read L
+  consecutive pairs. L = ceil(B / codes per lane); channels past B are zero padding;
 - the row is padded with zero codes to a whole number of blocks.
-Sizes per weight: W4 exactly 4 bits, W3 3.25 bits at B = 128 (13 words for 128 codes), W2 2,
+Sizes per weight: W4 exactly 4 bits, W3 3 (3.375 for the rare blocks of 48, 80 or 112), W2 2,
 W8 8; plus the scale and zero point per group in the activation dtype (zero points are small
 integers, exact in fp16/bf16). Dequantization is w = (q - z) * s, the quantizer's formula.
 """
@@ -70,10 +76,20 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 
 def codes_per_word(bits: int) -> int:
-    """P: codes in one int32 word of the kernel layout (3 bits: 10, the top 2 bits unused)."""
+    """P: codes in one int32 word's two halves (3 bits: 10; the spare bits 15 and 31 hold a
+    further slot spread over a lane's three words)."""
     if bits not in KERNEL_BITS:
         raise QuantLRMError(f"the kernels do not handle {bits}-bit weights.", "use 2, 3, 4 or 8 bits.")
     return 10 if bits == 3 else 32 // bits
+
+
+def word_rows(bits: int) -> int:
+    """T: words per lane (3 bits: three words hold 30 codes in their halves and 2 in spare bits)."""
+    return 3 if bits == 3 else 1
+
+
+def codes_per_lane(bits: int) -> int:
+    return 32 if bits == 3 else codes_per_word(bits)
 
 
 def block_size(group_size: int, in_features: int) -> int:
@@ -91,13 +107,18 @@ def block_size(group_size: int, in_features: int) -> int:
     )
 
 
+def lanes(bits: int, block: int) -> int:
+    """L: lanes per block."""
+    return math.ceil(block / codes_per_lane(bits))
+
+
 def geometry(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int]:
     """(B, P, W, n_blocks): channels per block, codes per word, words per block, blocks per row."""
     b, p = block_size(group_size, in_features), codes_per_word(bits)
     if b % 2:
         raise QuantLRMError(f"group size {group_size} is odd; the kernels' layout pairs channels.",
                             "quantize with an even group size such as 128.")
-    return b, p, math.ceil(b / p), math.ceil(in_features / b)
+    return b, p, word_rows(bits) * lanes(bits, b), math.ceil(in_features / b)
 
 
 @dataclass
@@ -125,6 +146,14 @@ class KernelWeight:
         return geometry(self.bits, self.group_size, self.in_features)[2]
 
     @property
+    def lanes(self) -> int:
+        return lanes(self.bits, self.block)
+
+    @property
+    def word_rows(self) -> int:
+        return word_rows(self.bits)
+
+    @property
     def n_blocks(self) -> int:
         return geometry(self.bits, self.group_size, self.in_features)[3]
 
@@ -136,34 +165,51 @@ class KernelWeight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
 
 
-def _shifts(bits: int, p: int, device) -> torch.Tensor:
-    """Bit offset R(i) of code i in its word, shaped [H, 2] as (i % H, i // H)."""
-    h = p // 2
+def _shifts(bits: int, h: int, device) -> torch.Tensor:
+    """Bit offset of pair p's low and high code in a word, [H, 2]."""
     r = torch.arange(h, device=device, dtype=torch.int64).mul_(bits).view(h, 1)
     return r + torch.tensor([0, 16], device=device, dtype=torch.int64).view(1, 2)
 
 
-def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout."""
+def _slots(codes: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Codes [out, in] as [out, n_blocks, slots, L, 2] (channel 2*(s*L + j) + half), zero padded."""
     out, inp = codes.shape
-    b, p, w, nb = geometry(bits, group_size, inp)
+    b, _, _, nb = geometry(bits, group_size, inp)
+    n_lanes, per_lane = lanes(bits, b), codes_per_lane(bits)
     c = torch.zeros(out, nb * b, dtype=torch.int64, device=codes.device)
     c[:, :inp] = codes.to(torch.int64)
-    # channel 2*(pp*W + j) + half -> [out, nb, pp, j, half]
-    c = torch.nn.functional.pad(c.view(out, nb, b), (0, p * w - b)).view(out, nb, p // 2, w, 2)
-    sh = _shifts(bits, p, codes.device).view(1, 1, p // 2, 1, 2)
-    words = (c << sh).sum(dim=(2, 4))  # [out, nb, w]; disjoint bit fields, so sum == or
+    c = torch.nn.functional.pad(c.view(out, nb, b), (0, per_lane * n_lanes - b))
+    return c.view(out, nb, per_lane // 2, n_lanes, 2), (out, nb, n_lanes, per_lane)
+
+
+def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout."""
+    c, (out, nb, n_lanes, _) = _slots(codes, bits, group_size)
+    h, t = codes_per_word(bits) // 2, word_rows(bits)
+    regular = c[:, :, : t * h].reshape(out, nb, t, h, n_lanes, 2)
+    sh = _shifts(bits, h, codes.device).view(1, 1, 1, h, 1, 2)
+    words = (regular << sh).sum(dim=(3, 5))  # [out, nb, T, L]; disjoint bit fields, so sum == or
+    if bits == 3:  # the spare slot: bit k of its codes at bits 15 and 31 of word row k
+        spare = c[:, :, t * h]  # [out, nb, L, 2]
+        for k in range(t):
+            words[:, :, k] += (((spare >> k) & 1) << torch.tensor([15, 31], device=codes.device)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).view(out, nb * w)
+    return words.to(torch.int32).view(out, -1)
 
 
 def unpack_blocks(packed: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """Inverse of `pack_blocks`: uint8 codes [out, in]."""
     out = packed.shape[0]
-    b, p, w, nb = geometry(bits, group_size, in_features)
-    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, 1, w, 1)
-    sh = _shifts(bits, p, packed.device).view(1, 1, p // 2, 1, 2)
-    c = ((words >> sh) & ((1 << bits) - 1)).reshape(out, nb, p * w)[:, :, :b]
+    b, p, _, nb = geometry(bits, group_size, in_features)
+    h, t, n_lanes = p // 2, word_rows(bits), lanes(bits, b)
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, t, 1, n_lanes, 1)
+    sh = _shifts(bits, h, packed.device).view(1, 1, 1, h, 1, 2)
+    slots = [((words >> sh) & ((1 << bits) - 1)).reshape(out, nb, t * h, n_lanes, 2)]
+    if bits == 3:
+        hi = torch.tensor([15, 31], device=packed.device)
+        spare = sum(((words[:, :, k, 0, :, :] >> hi) & 1) << k for k in range(t))  # [out, nb, L, 2]
+        slots.append(spare.unsqueeze(2))
+    c = torch.cat(slots, dim=2).reshape(out, nb, -1)[:, :, :b]
     return c.reshape(out, nb * b)[:, :in_features].to(torch.uint8)
 
 

@@ -3,7 +3,8 @@
 No integer-to-float conversion (a quarter-rate instruction on Hopper, which made the first
 version ALU-bound): or-ing a code's bits into the mantissa of a suitable power of two gives an
 fp32 number whose value is that power plus the code, so q - z is one exact subtraction.
-Code i of the words of a block multiplies the activations 2*((i % H)*W + j) + i // H.
+Slot s of lane j of a block (pair p of word row t, s = t*H + p, or 3 bits' spare slot) multiplies
+the activation pair s*L + j (`layout.py`).
 
 - `_gemv_kernel` (decode, one activation row): a program owns BLOCK_N rows and walks their
   blocks one per step (split-K over blocks, reduced in the kernel: `_store_rows`); weights are
@@ -39,32 +40,59 @@ def _x_pair(v, XKIND: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tile(N, n_blocks, blocks_per_split, W: tl.constexpr, W_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This GEMV program's rows, word lanes, their masks and its range of blocks (its split)."""
+def _gemv_tile(N, n_blocks, blocks_per_split, L: tl.constexpr, L_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This GEMV program's rows, lanes, their masks and its range of blocks (its split)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    jj = tl.arange(0, W_PAD)
+    jj = tl.arange(0, L_PAD)
     mask_n = rows < N
-    wmask = mask_n[:, None] & (jj < W)[None, :]
+    wmask = mask_n[:, None] & (jj < L)[None, :]
     b_begin = tl.program_id(1) * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     return rows, jj, mask_n, wmask, b_begin, b_end
 
 
 @triton.jit
-def _load_x_pairs(x_ptr, xoff, blk, K, p: tl.constexpr, jj, B: tl.constexpr, W: tl.constexpr,
-                  W_PAD: tl.constexpr, EVEN_K: tl.constexpr, xmask):
-    """The activation pairs of code pair p of every word of block `blk`, as a [..., W_PAD] tile
+def _load_words(pw, mask, L: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr):
+    """A lane tile's T word rows (row t at pw + t*L) as uint32; with T == 1 all three are row 0."""
+    if MASKED:
+        w0 = tl.load(pw, mask=mask, other=0)
+    else:
+        w0 = tl.load(pw)
+    w1 = w0
+    w2 = w0
+    if T > 1:
+        if MASKED:
+            w1 = tl.load(pw + L, mask=mask, other=0)
+            w2 = tl.load(pw + 2 * L, mask=mask, other=0)
+        else:
+            w1 = tl.load(pw + L)
+            w2 = tl.load(pw + 2 * L)
+    return w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _spare(w0, w1, w2, R: tl.constexpr):
+    """3 bits' spare slot, gathered from bits 15 and 31 of a lane's three words: its low code
+    at bits R..R+2, its high code at R+16..R+18 (then decoded like any pair at offset R)."""
+    return (((w0 >> (15 - R)) & (0x10001 << R)) | ((w1 >> (14 - R)) & (0x20002 << R))
+            | ((w2 >> (13 - R)) & (0x40004 << R)))
+
+
+@triton.jit
+def _load_x_pairs(x_ptr, xoff, blk, K, sl: tl.constexpr, jj, B: tl.constexpr, L: tl.constexpr,
+                  L_PAD: tl.constexpr, EVEN_K: tl.constexpr, xmask):
+    """The activation pairs of slot `sl` of every lane of block `blk`, as a [..., L_PAD] tile
     (xoff: each tile row's start, in pairs; rows of one activation repeat the same addresses,
     served by L1): it keeps the words' layout. xmask: the tile rows that hold an activation row."""
-    kp = blk * (B // 2) + p * W + jj
+    kp = blk * (B // 2) + sl * L + jj
     px = x_ptr + (xoff + kp)
-    if 2 * (p * W + W_PAD) > B or not EVEN_K:  # lanes past the block's (or the row's) end
-        inb = (2 * (p * W + jj) < B) & (2 * kp < K)  # broadcast to the tile by the load
+    if 2 * (sl * L + L_PAD) > B or not EVEN_K:  # lanes past the block's (or the row's) end
+        inb = (2 * (sl * L + jj) < B) & (2 * kp < K)  # broadcast to the tile by the load
         if xmask is None:
             v = tl.load(px, mask=inb, other=0)
         else:
             v = tl.load(px, mask=inb & xmask, other=0)
-    elif xmask is None:  # one activation row: lanes past W read later pairs of this block (dropped)
+    elif xmask is None:  # one activation row: lanes past L read later pairs of this block (dropped)
         v = tl.load(px)
     else:
         v = tl.load(px, mask=xmask, other=0)
@@ -117,14 +145,14 @@ def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, mm, M, N, n_split, MO
 
 @triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
-                 M, N, K, n_blocks, blocks_per_split, stride_p, stride_s, stride_xp, code_mask,
-                 BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                 W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, XKIND: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr,
-                 MR: tl.constexpr):
-    # Every tensor in the loop has the words' layout or a slice of it: x is loaded as activation
+                 M, N, K, n_blocks, blocks_per_split, stride_s, stride_xp, code_mask,
+                 BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                 T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
+                 XKIND: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
+                 ACT: tl.constexpr, MR: tl.constexpr):
+    # Every tensor in the loop has the lanes' layout or a slice of it: x is loaded as activation
     # pairs (x_ptr: int32 pairs of fp16/bf16, or int64 pairs of fp32; K even; stride_xp: pairs
-    # per activation row) through a [MR, BLOCK_N, W_PAD] pointer (the BLOCK_N rows repeat the
+    # per activation row) through a [MR, BLOCK_N, L_PAD] pointer (the BLOCK_N rows repeat the
     # same addresses, served by L1) rather than as a vector, so the compiler needs no
     # shared-memory layout conversion per code. MR activation rows (skinny batches up to MR):
     # each code is decoded once and multiplies all of them.
@@ -132,43 +160,58 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # 2^(23-r), whose mantissa unit is 2^-r, give 2^(23-r) + q exactly. One and-or (the mask is
     # a run-time value, so it sits in a register and and+or fuse into one LOP3), no shift; the
     # upper 16 bits of the word (the pair's second code) are shifted down once.
-    # Every tile is 3-D, [MR, BLOCK_N, W_PAD] or a broadcast slice of it, so that one layout
-    # serves the words, the activations and the products (mixing 2-D and 3-D tiles cost a
-    # shared-memory layout conversion per code pair for W3).
+    # Every tile is 3-D, [MR, BLOCK_N, L_PAD] or a broadcast slice of it, so that one layout
+    # serves the words, the activations and the products.
+    # The packed rows are contiguous, n_blocks * W words apart: written so, the compiler sees
+    # the rows' starts keep the words' alignment (16-byte loads) whatever n_blocks is.
     H: tl.constexpr = P // 2
-    rows, jj, mask_n, wmask, b_begin, b_end = _gemv_tile(N, n_blocks, blocks_per_split, W, W_PAD, BLOCK_N)
+    rows, jj, mask_n, wmask, b_begin, b_end = _gemv_tile(N, n_blocks, blocks_per_split, L, L_PAD, BLOCK_N)
     mm = tl.arange(0, MR)
     r3, j3 = rows[None, :, None], jj[None, None, :]
     w3mask = wmask[None, :, :]
-    xoff = tl.zeros([MR, BLOCK_N, W_PAD], dtype=tl.int32)
+    xoff = tl.zeros([MR, BLOCK_N, L_PAD], dtype=tl.int32)
     xmask = None
     if MR > 1:  # (one row: no offsets or masks, so batch 1 compiles as it did without MR)
         xoff += (mm * stride_xp)[:, None, None]
         xmask = (xoff >= 0) & (mm < M)[:, None, None]
     cmask = code_mask.to(tl.uint32)
     acc = tl.zeros([MR, BLOCK_N], dtype=tl.float32)
+    pw0 = p_ptr + r3 * (n_blocks * W) + j3
     for blk in range(b_begin, b_end):
-        pw = p_ptr + r3 * stride_p + blk * W + j3
-        if EVEN_N and W == W_PAD:
-            words = tl.load(pw)
-        else:
-            words = tl.load(pw, mask=w3mask, other=0)
-        words = words.to(tl.uint32, bitcast=True)  # [1, BLOCK_N, W_PAD]
-        upper = words >> 16
+        w0, w1, w2 = _load_words(pw0 + blk * W, w3mask, L, T, not (EVEN_N and L == L_PAD))  # [1, BLOCK_N, L_PAD]
         grp = blk // GB if GB > 0 else 0
         s = tl.load(s_ptr + r3 * stride_s + grp, mask=r3 < N, other=0.0).to(tl.float32)  # [1, BLOCK_N, 1]
         z = tl.load(z_ptr + r3 * stride_s + grp, mask=r3 < N, other=0.0).to(tl.float32)
-        t = tl.zeros([MR, BLOCK_N, W_PAD], dtype=tl.float32)
-        for p in tl.static_range(H):
-            R = BITS * p  # bit offset of the pair's codes in the word and in `upper`
+        t = tl.zeros([MR, BLOCK_N, L_PAD], dtype=tl.float32)
+        word = w0
+        upper = w0 >> 16
+        for sl in tl.static_range(S):
+            if sl < T * H:  # pair p of word row tr
+                tr = sl // H
+                p = sl % H
+                if p == 0:
+                    if tr == 0:
+                        word = w0
+                    elif tr == 1:
+                        word = w1
+                    else:
+                        word = w2
+                    upper = word >> 16
+                R = BITS * p  # bit offset of the pair's codes in the word and in `upper`
+                lo_src = word
+                hi_src = upper
+            else:  # the 3-bit spare slot
+                R = 0
+                lo_src = _spare(w0, w1, w2, 0)
+                hi_src = lo_src >> 16
             zc = z + 8388608.0 / (1 << R)  # 2^(23-R) + z
-            x_lo, x_hi = _x_pair(_load_x_pairs(x_ptr, xoff, blk, K, p, j3, B, W, W_PAD, EVEN_K, xmask), XKIND)
-            q_lo = (words & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
-            q_hi = (upper & (cmask << R)) | ((150 - R) << 23)
+            x_lo, x_hi = _x_pair(_load_x_pairs(x_ptr, xoff, blk, K, sl, j3, B, L, L_PAD, EVEN_K, xmask), XKIND)
+            q_lo = (lo_src & (cmask << R)) | ((150 - R) << 23)  # fp32 bits of 2^(23-R) + q
+            q_hi = (hi_src & (cmask << R)) | ((150 - R) << 23)
             t += (q_lo.to(tl.float32, bitcast=True) - zc) * x_lo
             t += (q_hi.to(tl.float32, bitcast=True) - zc) * x_hi
-        if W != W_PAD:
-            t = tl.where(j3 < W, t, 0.0)
+        if L != L_PAD:
+            t = tl.where(j3 < L, t, 0.0)
         acc += tl.sum(t, axis=2) * tl.sum(s, axis=2)  # (the sum over the size-1 axis drops it)
     _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, mm, M, N, tl.num_programs(1), MODE, BLOCK_N, ACT)
 
@@ -176,7 +219,8 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 @triton.jit
 def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
                  M, N, K, n_blocks, blocks_per_split, stride_xm, stride_ym, stride_p, stride_s, G,
-                 BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, B_PAD: tl.constexpr,
+                 BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                 T: tl.constexpr, S: tl.constexpr, B_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
@@ -188,27 +232,41 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
     mask_n = offs_n < N
     # The tile walks the block in word order (slot r: code r // W of word r % W, so the words
     # are read as contiguous runs) and gathers the activations of each slot's channel instead.
+    # 3 bits: the 2L codes of the spare slot follow (r >= W*P), each gathered from three words.
     H: tl.constexpr = P // 2
+    NREG: tl.constexpr = W * P
     r = tl.arange(0, B_PAD)
     widx = r % W
     code = r // W
-    shift = BITS * (code % H) + 16 * (code // H)
-    ch = 2 * ((code % H) * W + widx) + code // H  # channel within the block
+    reg = code < P
+    shift = tl.where(reg, BITS * (code % H) + 16 * (code // H), 0)
+    ch = 2 * (((widx // L) * H + code % H) * L + widx % L) + code // H  # channel within the block
+    live = reg
+    if S > T * H:
+        q = tl.where(r >= NREG, r - NREG, 0)
+        spare = (r >= NREG) & (q < 2 * L)
+        ch = tl.where(spare, 2 * (T * H * L + q % L) + q // L, ch)
+        live = reg | spare
     b_begin = pid_k * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    prow = p_ptr + offs_n[None, :] * stride_p
     for blk in range(b_begin, b_end):
         k = blk * B + ch
-        mask_k = (code < P) & (ch < B) & (k < K)
+        mask_k = live & (ch < B) & (k < K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        words = tl.load(p_ptr + offs_n[None, :] * stride_p + blk * W + widx[:, None],
-                        mask=(code < P)[:, None] & mask_n[None, :], other=0)  # [B_PAD, BLOCK_N]
-        q = ((words >> shift[:, None]) & MASK) | _MAGIC
+        words = tl.load(prow + blk * W + widx[:, None], mask=reg[:, None] & mask_n[None, :], other=0)  # [B_PAD, BLOCK_N]
+        cq = (words >> shift[:, None]) & MASK
+        if S > T * H:
+            for kk in tl.static_range(3):
+                wk = tl.load(prow + blk * W + (kk * L + q % L)[:, None], mask=spare[:, None] & mask_n[None, :], other=0)
+                cq |= (wk >> tl.where(spare, 15 + 16 * (q // L) - kk, 0)[:, None]) & (1 << kk)  # bit kk
+        cq = cq | _MAGIC
         grp = (blk * B) // G
         s = tl.load(s_ptr + offs_n * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + offs_n * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
-        wt = (q.to(tl.float32, bitcast=True) - zc[None, :]) * s[None, :]
+        wt = (cq.to(tl.float32, bitcast=True) - zc[None, :]) * s[None, :]
         wt = tl.where(mask_k[:, None], wt, 0.0)
         acc = tl.dot(a, wt.to(a.dtype), acc)
     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -221,41 +279,57 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
 
 @triton.jit
 def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
-                    BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                    W_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
+                    BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                    T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PAIRS: tl.constexpr):
     # PAIRS 1/2 (fp16/bf16 output, K even): a code pair's two weights are neighbours, so they
-    # are stored as one 32-bit word (w_ptr is then the int32 view), contiguous across words.
+    # are stored as one 32-bit word (w_ptr is then the int32 view), contiguous across lanes.
     MASK: tl.constexpr = (1 << BITS) - 1
+    H: tl.constexpr = P // 2
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     blk = tl.program_id(1)
-    jj = tl.arange(0, W_PAD)
+    jj = tl.arange(0, L_PAD)
     mask_n = rows < N
-    words = tl.load(p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :],
-                    mask=mask_n[:, None] & (jj < W)[None, :], other=0)
+    w0, w1, w2 = _load_words(p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :],
+                             mask_n[:, None] & (jj < L)[None, :], L, T, True)
     grp = (blk * B) // G
     s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
     zc = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
-    H: tl.constexpr = P // 2
-    for p in tl.static_range(H):
-        q_lo = ((words >> (BITS * p)) & MASK) | _MAGIC
-        q_hi = ((words >> (BITS * p + 16)) & MASK) | _MAGIC
-        w_lo = (q_lo.to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
-        w_hi = (q_hi.to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
-        ch = 2 * (p * W + jj)  # first channel of the pair, within the block
+    word = w0
+    for sl in tl.static_range(S):
+        if sl < T * H:
+            tr = sl // H
+            p = sl % H
+            if tr == 0:
+                word = w0
+            elif tr == 1:
+                word = w1
+            else:
+                word = w2
+            c_lo = (word >> (BITS * p)) & MASK
+            c_hi = (word >> (BITS * p + 16)) & MASK
+        else:
+            v = _spare(w0, w1, w2, 0)
+            c_lo = v & MASK
+            c_hi = (v >> 16) & MASK
+        w_lo = ((c_lo | _MAGIC).to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
+        w_hi = ((c_hi | _MAGIC).to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
+        ch = 2 * (sl * L + jj)  # first channel of the pair, within the block
         k = blk * B + ch
+        lane_ok = (jj < L) & (ch < B)
         if PAIRS:
             lo = w_lo.to(tl.float16) if PAIRS == 1 else w_lo.to(tl.bfloat16)
             hi = w_hi.to(tl.float16) if PAIRS == 1 else w_hi.to(tl.bfloat16)
             lo16 = lo.to(tl.uint16, bitcast=True).to(tl.uint32)
             hi16 = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
-            kp = blk * (B // 2) + p * W + jj  # pair index: contiguous, so the stores vectorize
-            m = mask_n[:, None] & ((jj < W) & (ch < B) & (2 * kp < K))[None, :]
+            kp = blk * (B // 2) + sl * L + jj  # pair index: contiguous, so the stores vectorize
+            m = mask_n[:, None] & (lane_ok & (2 * kp < K))[None, :]
             tl.store(w_ptr + rows[:, None] * (K // 2) + kp[None, :], (lo16 | (hi16 << 16)).to(tl.int32, bitcast=True),
                      mask=m)
         else:
-            m = mask_n[:, None] & ((jj < W) & (ch < B) & (k < K))[None, :]
+            m = mask_n[:, None] & (lane_ok & (k < K))[None, :]
             tl.store(w_ptr + rows[:, None] * K + k[None, :], w_lo.to(w_ptr.dtype.element_ty), mask=m)
-            m1 = mask_n[:, None] & ((jj < W) & (ch + 1 < B) & (k + 1 < K))[None, :]
+            m1 = mask_n[:, None] & (lane_ok & (ch + 1 < B) & (k + 1 < K))[None, :]
             tl.store(w_ptr + rows[:, None] * K + k[None, :] + 1, w_hi.to(w_ptr.dtype.element_ty), mask=m1)
 
 
@@ -303,44 +377,45 @@ def _h2_pair(acc, src, mask, mult, nz, x, BF16: tl.constexpr = False):
 
 @triton.jit
 def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
-                    N, K, n_blocks, blocks_per_split, stride_p, stride_s,
-                    BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr,
-                    W_PAD: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
+                    N, K, n_blocks, blocks_per_split, stride_s,
+                    BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                    T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, GB: tl.constexpr,
+                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
                     EMULATE: tl.constexpr = False, BF16: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
-    # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, W_PAD] words, so a
+    # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
-    # one load's latency per block, not by bandwidth). Code pair p of word j of block u
-    # multiplies the activation pair p*W + j of that block. FULL (host-checked): every step
-    # holds U whole blocks of this split and W == W_PAD, so no load needs a mask.
+    # one load's latency per block, not by bandwidth). Slot s of lane j of block u multiplies
+    # the activation pair s*L + j of that block. FULL (host-checked): every step holds U whole
+    # blocks of this split and L == L_PAD, so no load needs a mask.
     # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
     # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
+    # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
+    # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs.
     H: tl.constexpr = P // 2
     MANT: tl.constexpr = 7 if BF16 else 10  # mantissa bits of the 16-bit format
     FIT: tl.constexpr = (MANT - BITS) // BITS + 1  # pairs decodable per shift (r + BITS <= MANT)
+    RS: tl.constexpr = BITS * (FIT - 1)  # the spare slot's offset: one the word pairs use already
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r3 = rows[:, None, None]
     uu = tl.arange(0, U)[None, :, None]
-    jj = tl.arange(0, W_PAD)[None, None, :]
+    jj = tl.arange(0, L_PAD)[None, None, :]
     b_begin = tl.program_id(1) * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
-    zero3 = tl.zeros([BLOCK_N, U, W_PAD], dtype=tl.uint32)
-    acc3 = tl.zeros([BLOCK_N, U, W_PAD], dtype=tl.float32)  # reduced once, at the end
-    pw0 = p_ptr + r3 * stride_p + uu * W + jj
-    wmask = (r3 < N) & (jj < W)
+    zero3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.uint32)
+    acc3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)  # reduced once, at the end
+    pw0 = p_ptr + r3 * (n_blocks * W) + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
+    wmask = (r3 < N) & (jj < L)
     if PREFETCH:
-        nxt = tl.load(pw0 + b_begin * W, mask=wmask & (b_begin + uu < b_end), other=0)
+        n0, n1, n2 = _load_words(pw0 + b_begin * W, wmask & (b_begin + uu < b_end), L, T, True)
     for blk in range(b_begin, b_end, U):
         if PREFETCH:
-            words = nxt
-            nxt = tl.load(pw0 + (blk + U) * W, mask=wmask & (blk + U + uu < b_end), other=0)
-        elif FULL and EVEN_N and W == W_PAD:
-            words = tl.load(pw0 + blk * W)
+            w0, w1, w2 = n0, n1, n2
+            n0, n1, n2 = _load_words(pw0 + (blk + U) * W, wmask & (blk + U + uu < b_end), L, T, True)
         else:
-            words = tl.load(pw0 + blk * W, mask=wmask & (blk + uu < b_end), other=0)
-        words = words.to(tl.uint32, bitcast=True)
+            w0, w1, w2 = _load_words(pw0 + blk * W, wmask & (blk + uu < b_end), L, T,
+                                     not (FULL and EVEN_N and L == L_PAD))
         # scale and zero point per (row, block): loaded as [BLOCK_N, U] and expanded, so they
         # arrive in the slice of the words' layout (a [BLOCK_N, U, 1] load needed a shuffle)
         ub = blk + tl.arange(0, U)[None, :]
@@ -348,12 +423,29 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         sz_mask = (rows[:, None] < N) & (ub < b_end)
         s = tl.load(s_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
         z = tl.load(z_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0)
+        if not BF16:
+            s = s * 16.0
         h = zero3
-        src = words
-        for p in tl.static_range(H):
-            R = BITS * (p % FIT)  # bit offset of the pair in `src` (the word, shifted every FIT pairs)
-            if p % FIT == 0 and p > 0:
-                src = words >> (BITS * p)
+        word = w0
+        src = w0
+        for sl in tl.static_range(S):
+            if sl < T * H:  # pair p of word row tr
+                tr = sl // H
+                p = sl % H
+                if p == 0:
+                    if tr == 0:
+                        word = w0
+                    elif tr == 1:
+                        word = w1
+                    else:
+                        word = w2
+                    src = word
+                R = BITS * (p % FIT)  # bit offset of the pair in `src` (the word, shifted every FIT pairs)
+                if p % FIT == 0 and p > 0:
+                    src = word >> (BITS * p)
+            else:  # the 3-bit spare slot, gathered at offset RS
+                R = RS
+                src = _spare(w0, w1, w2, RS)
             if BF16:  # (c - z) exactly: (128 + c*2^R) * 2^-R - (z + 128*2^-R)
                 nz16 = _rn_bf16(-z.to(tl.float32) - 128.0 / (1 << R))
                 mult = zero3 + ((127 - R) << 7) * 0x10001  # bf16x2 of 2^-R
@@ -363,16 +455,16 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 mult = zero3 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
             nz = zero3 + (nz16 | (nz16 << 16))[:, :, None]
             mask = zero3 + (((1 << BITS) - 1) << R) * 0x10001
-            kp = (blk + uu) * (B // 2) + p * W + jj  # [1, U, W_PAD] activation pair indices
+            kp = (blk + uu) * (B // 2) + sl * L + jj  # [1, U, L_PAD] activation pair indices
             px = x_ptr + (zero3.to(tl.int32) + kp)  # rows repeat the same addresses (L1)
-            # lanes past W read later pairs of this block (dropped below), unless that runs past
+            # lanes past L read later pairs of this block (dropped below), unless that runs past
             # the block's end; partial steps and a ragged row end are zeroed
-            if FULL and EVEN_K and 2 * (p * W + W_PAD) <= B:
+            if FULL and EVEN_K and 2 * (sl * L + L_PAD) <= B:
                 xp = tl.load(px)
             elif FULL and EVEN_K:
-                xp = tl.load(px, mask=(zero3 == 0) & (2 * (p * W + jj) < B), other=0)
+                xp = tl.load(px, mask=(zero3 == 0) & (2 * (sl * L + jj) < B), other=0)
             else:
-                inb = (2 * (p * W + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
+                inb = (2 * (sl * L + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
                 xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
             if BF16 and EMULATE:
                 h = _bf2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
@@ -380,17 +472,19 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
             else:
                 h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True), BF16)
-        if BF16:  # bf16 -> fp32 is a 16-bit shift
-            acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
-        else:
-            if EMULATE:
-                part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
-            else:
-                part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
-                                                 pack=1).to(tl.float32, bitcast=True)
-            acc3 += part * (s * 16.0)
-    if W != W_PAD:
-        acc3 = tl.where(jj < W, acc3, 0.0)
+            if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1):  # a word row done: widen its sum
+                if BF16:  # bf16 -> fp32 is a 16-bit shift
+                    acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
+                else:
+                    if EMULATE:
+                        part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
+                    else:
+                        part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
+                                                         pack=1).to(tl.float32, bitcast=True)
+                    acc3 += part * s
+                h = zero3
+    if L != L_PAD:
+        acc3 = tl.where(jj < L, acc3, 0.0)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
     mask_n = rows < N
     _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1), MODE,
