@@ -113,6 +113,11 @@ GEMV_H2_CONFIGS = tuple(
     for bn, w, sk, u, pf in ((16, 4, 8, 4, False), (32, 4, 8, 4, False), (64, 4, 8, 4, False),
                              (32, 4, 4, 4, True), (64, 8, 4, 4, True), (16, 4, 1, 8, True),
                              (32, 4, 16, 2, False), (64, 4, 8, 2, True))
+) + tuple(  # the fastest tiles of the three-word W3 lanes on the fused 8B shapes (gemv_sweep.py --half2,
+    # BENCHMARKS.md version 10): small programs, no split on gate/up, split 4-8 on the rest
+    Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u)
+    for bn, w, sk, u in ((16, 2, 1, 4), (16, 2, 1, 2), (32, 4, 1, 4), (32, 4, 8, 1), (32, 8, 4, 2), (64, 8, 8, 1),
+                         (16, 2, 8, 1))
 )
 
 

@@ -391,8 +391,9 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # blocks of this split and L == L_PAD, so no load needs a mask.
     # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
     # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
-    # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
-    # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs.
+    # The 16-bit sum of a lane's products is widened to fp32 once per lane in fp16 (16 pairs for
+    # 3 bits, each product at most 7/16 of its activation), once per word row in bf16 (H pairs,
+    # plus the spare slot in the last row: bf16's 8-bit significand would lose more).
     H: tl.constexpr = P // 2
     MANT: tl.constexpr = 7 if BF16 else 10  # mantissa bits of the 16-bit format
     FIT: tl.constexpr = (MANT - BITS) // BITS + 1  # pairs decodable per shift (r + BITS <= MANT)
@@ -472,7 +473,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
             else:
                 h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True), BF16)
-            if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1):  # a word row done: widen its sum
+            if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1 and BF16):  # widen the 16-bit sum
                 if BF16:  # bf16 -> fp32 is a 16-bit shift
                     acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
                 else:
