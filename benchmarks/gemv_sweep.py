@@ -58,17 +58,14 @@ FUSED_SHAPES = {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336), "qkv_
                 "o_proj": (4096, 4096)}
 
 
-def half2_grid(lanes: int, pipelines: tuple[int, ...] = (1,)):
-    """The half2 GEMV's tiles: rows, warps, split-K, blocks per step, prefetch or Triton's
-    software pipeline depth; 1-16 lane tiles a thread."""
+def half2_grid(lanes: int):
+    """The half2 GEMV's tiles: rows, warps, split-K, blocks per step, prefetch; 1-16 lane tiles a thread."""
     from quantlrm.kernels import Config
 
-    for ns in pipelines:
-        for bn, w, sk, u, pf in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4),
-                                                  (False, True) if ns == 1 else (False,)):
-            if 1 <= bn * u * lanes / (32 * w) <= 16:
-                yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True,
-                             pipeline=ns)
+    for bn, w, sk, u, pf in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4),
+                                              (False, True)):
+        if 1 <= bn * u * lanes / (32 * w) <= 16:
+            yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True)
 
 
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
@@ -88,7 +85,7 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
-            for c in half2_grid(kws[0].lanes, tuple(args.pipeline)):
+            for c in half2_grid(kws[0].lanes):
                 if time.time() > stop:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
                     break
@@ -120,8 +117,6 @@ def main() -> None:
     ap.add_argument("--half2", action="store_true",
                     help="sweep the half2 GEMV's tiles on the fused shapes instead of the fp32-math GEMV's")
     ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="activations of --half2 (bf16: bf16x2)")
-    ap.add_argument("--pipeline", type=int, nargs="+", default=[1],
-                    help="--half2: software pipeline depths to sweep (1: none; 2-4: Triton's asynchronous copies)")
     args = ap.parse_args()
 
     from quantlrm.kernels import GEMV_CONFIGS, Config, run_config

@@ -73,7 +73,6 @@ class Config:
     half2: bool = False
     prefetch: bool = False
     blocks_per_step: int = 1
-    pipeline: int = 1  # half2 GEMV: Triton's software pipeline depth over the steps (1: none)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -283,7 +282,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, NS=cfg.pipeline, **meta)
+                                     BF16=x2.dtype == torch.bfloat16, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

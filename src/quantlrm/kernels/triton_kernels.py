@@ -382,16 +382,14 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, GB: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
-                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, NS: tl.constexpr = 1):
+                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
     # one load's latency per block, not by bandwidth). Slot s of lane j of block u multiplies
     # the activation pair s*L + j of that block. FULL (host-checked): every step holds U whole
     # blocks of this split and L == L_PAD, so no load needs a mask.
-    # PREFETCH: the next step's words are loaded before this step is decoded. NS > 1: Triton's
-    # software pipeline instead, NS - 1 steps of loads in flight as asynchronous copies into
-    # shared memory (the activations too, which then cost a shared-memory load). EMULATE: the PTX
+    # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
     # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
     # The 16-bit sum of a lane's products is widened to fp32 once per lane in fp16 (16 pairs for
     # 3 bits, each product at most 7/16 of its activation), once per word row in bf16 (H pairs,
@@ -412,7 +410,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     wmask = (r3 < N) & (jj < L)
     if PREFETCH:
         n0, n1, n2 = _load_words(pw0 + b_begin * W, wmask & (b_begin + uu < b_end), L, T, True)
-    for blk in tl.range(b_begin, b_end, U, num_stages=NS):
+    for blk in range(b_begin, b_end, U):
         if PREFETCH:
             w0, w1, w2 = n0, n1, n2
             n0, n1, n2 = _load_words(pw0 + (blk + U) * W, wmask & (blk + U + uu < b_end), L, T, True)
