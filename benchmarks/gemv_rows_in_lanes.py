@@ -10,7 +10,7 @@ and reuses one uniform activation load per code pair for all of them; no lane is
 (runs 21 and 22, BENCHMARKS.md, Kernels, version 7): 0.68-1.01x the product, best only with the
 most split-K, i.e. bound by each program's serial latency, not by instructions.
 Its W3 walk reads that first W3 layout; since the product's W3 moved to three-word lanes
-(version 10) it refuses 3-bit weights and runs W2, W4 and W8.
+(version 9) it refuses 3-bit weights and runs W2, W4 and W8.
 
 Same method as gemv_sweep.py: every configuration runs over enough copies of the weight to
 overflow L2, in one CUDA graph; bytes moved / time against the measured copy bandwidth. Random

@@ -114,7 +114,7 @@ GEMV_H2_CONFIGS = tuple(
                              (32, 4, 4, 4, True), (64, 8, 4, 4, True), (16, 4, 1, 8, True),
                              (32, 4, 16, 2, False), (64, 4, 8, 2, True))
 ) + tuple(  # the fastest tiles of the three-word W3 lanes on the fused 8B shapes (gemv_sweep.py --half2,
-    # BENCHMARKS.md version 10): small programs, no split on gate/up, split 4-8 on the rest
+    # BENCHMARKS.md, Kernels, version 9): small programs, no split on gate/up, split 4-8 on the rest
     Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u)
     for bn, w, sk, u in ((16, 2, 1, 4), (16, 2, 1, 2), (32, 4, 1, 4), (32, 4, 8, 1), (32, 8, 4, 2), (64, 8, 8, 1),
                          (16, 2, 8, 1))
@@ -146,7 +146,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
     # the weight tile in shared memory: fewer stages keep every candidate within the card's
     # 227 KB (3 stages of a 256 x 128 tile needed 328 KB).
     # W3's GEMM also gathers its spare codes from three more word tiles of the same size, which
-    # the pipeline buffers too (3 stages of 128 x 128 asked for 276 KB on an H100).
+    # the pipeline buffers too (one candidate asked for 276 KiB of shared memory on an H100).
     b_pad = _pow2(_slots_per_block(kw)) * (4 if kw.bits == 3 else 1)
     out = [Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=w,
                   num_stages=max(1, min(st, 3 * 128 * 128 // (b_pad * bn))))

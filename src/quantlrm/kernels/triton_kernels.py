@@ -342,7 +342,8 @@ def cdiv(a: int, b: int) -> int:
 # scales that to (c - z) / 16 (exact: small integers over 16), one more multiplies the
 # activation pair and accumulates. So a pair of codes costs 3 instructions instead of about 7
 # in fp32. The /16 keeps every product at most |x|: the fp16 sum of one word's P products
-# overflows only if the activations reach ~65504 / P; it is widened to fp32 once per word.
+# overflows only if the activations reach ~65504 / P; it is widened to fp32 once per word
+# (3 bits: once per word row, its 10 products plus the spare slot's 2 in the last row).
 def _pair_asm(magic: str, fma: str) -> str:
     return ("{\n.reg .b32 v;\n"
             f"lop3.b32 v, $2, $3, {magic}, 0xEA;\n"
@@ -391,9 +392,10 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # blocks of this split and L == L_PAD, so no load needs a mask.
     # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
     # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
-    # The 16-bit sum of a lane's products is widened to fp32 once per lane in fp16 (16 pairs for
-    # 3 bits, each product at most 7/16 of its activation), once per word row in bf16 (H pairs,
-    # plus the spare slot in the last row: bf16's 8-bit significand would lose more).
+    # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
+    # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs. (Once
+    # per three-word lane in fp16 was 1% faster end to end, within noise, and halved the
+    # activation size that can overflow the sum: BENCHMARKS.md, Kernels, version 9.)
     H: tl.constexpr = P // 2
     MANT: tl.constexpr = 7 if BF16 else 10  # mantissa bits of the 16-bit format
     FIT: tl.constexpr = (MANT - BITS) // BITS + 1  # pairs decodable per shift (r + BITS <= MANT)
@@ -473,7 +475,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
             else:
                 h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True), BF16)
-            if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1 and BF16):  # widen the 16-bit sum
+            if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1):  # a word row done: widen its sum
                 if BF16:  # bf16 -> fp32 is a 16-bit shift
                     acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
                 else:
