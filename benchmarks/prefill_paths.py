@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from decode import graph_time  # noqa: E402
 
-from quantlrm.kernels import Config, _layout_args, _pow2, run_config  # noqa: E402
+from quantlrm.kernels import Config, _layout_args, _pow2, candidates, run_config  # noqa: E402
 from quantlrm.kernels import layout as L  # noqa: E402
 from quantlrm.kernels import triton_kernels as tk  # noqa: E402
 
@@ -27,7 +27,7 @@ def dequant(kw: L.KernelWeight, pairs: int, block_n: int) -> torch.Tensor:
     w = torch.empty(n, k, dtype=torch.float16, device="cuda")
     tk._dequant_kernel[(tk.cdiv(n, block_n), kw.n_blocks)](
         kw.packed, kw.scale, kw.zero, w.view(torch.int32) if pairs else w, n, k, kw.packed.stride(0),
-        kw.scale.stride(0), kw.group_size, P=kw.per_word, W_PAD=_pow2(kw.words_per_block), BLOCK_N=block_n,
+        kw.scale.stride(0), kw.group_size, L_PAD=_pow2(kw.lanes), BLOCK_N=block_n,
         PAIRS=pairs, **_layout_args(kw))
     return w
 
@@ -48,7 +48,10 @@ def main() -> None:
                 print(f"W{bits} dequant pairs={pairs} block_n={bn}: {t * 1e6:.1f} us", flush=True)
         x = torch.randn(2, k, device="cuda", dtype=torch.float16)
         for bm, bn, sk in ((16, 64, 1), (16, 32, 4), (16, 128, 2)):
-            cfg = Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=4, num_stages=3)
+            # the stages `candidates` gives this tile (W3's spare-code gathers need fewer)
+            stages = next(c.num_stages for c in candidates(kws[0], 16)
+                          if (c.kind, c.block_m, c.block_n, c.split_k) == ("gemm", bm, bn, sk))
+            cfg = Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=4, num_stages=stages)
             t = graph_time(lambda kws=kws, cfg=cfg, x=x: [run_config(x, kw, cfg) for kw in kws]) / 4
             print(f"W{bits} M=2 gemm m{bm} n{bn} sk{sk}: {t * 1e6:.1f} us", flush=True)
 

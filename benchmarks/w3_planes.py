@@ -1,7 +1,8 @@
 """Prototype: an exactly-3-bit W3 layout (a 2-bit plane plus a 1-bit plane) for the half2 GEMV.
 
-Why: the product's W3 layout packs 10 codes per 32-bit word (3.25 bits per weight, 13 words
-per 128-channel block). A block of 13 words cannot be read with 16-byte vector loads, and
+Why: the product's W3 layout until version 8 (BENCHMARKS.md, Kernels) packed 10 codes per
+32-bit word (3.25 bits per weight, 13 words per 128-channel block); version 9 replaced it
+with lanes of three words, exactly 3 bits, read with 16-byte loads. A block of 13 words cannot be read with 16-byte vector loads, and
 its activation pairs sit at odd offsets. Its half2 GEMV loop counts 4.6 SASS instructions per
 code, against 3.1 for W4 (BENCHMARKS.md, Kernels). On an H100 that makes W3 issue-bound: 3 TB/s
 of W3 codes at 4.6 instructions each would need more issue slots than the card has. So W3

@@ -26,7 +26,8 @@ short contiguous runs:
   half2 operands of the fp16 GEMV (`_gemv_h2_kernel`), and the L lanes of a slot read L
   consecutive pairs. L = ceil(B / codes per lane); channels past B are zero padding;
 - the row is padded with zero codes to a whole number of blocks.
-Sizes per weight: W4 exactly 4 bits, W3 3 (3.375 for the rare blocks of 48, 80 or 112), W2 2,
+Sizes per weight: W4 exactly 4 bits, W3 3 (more where a block is not a multiple of 32
+channels, its last lane part padding: 3.43 bits for blocks of 112, 3.6 for 80, 4 for 48), W2 2,
 W8 8; plus the scale and zero point per group in the activation dtype (zero points are small
 integers, exact in fp16/bf16). Dequantization is w = (q - z) * s, the quantizer's formula.
 """
@@ -116,7 +117,8 @@ def geometry(bits: int, group_size: int, in_features: int) -> tuple[int, int, in
     """(B, P, W, n_blocks): channels per block, codes per word, words per block, blocks per row."""
     b, p = block_size(group_size, in_features), codes_per_word(bits)
     if b % 2:
-        raise QuantLRMError(f"group size {group_size} is odd; the kernels' layout pairs channels.",
+        raise QuantLRMError(f"group size {group_size} gives blocks of {b} channels, an odd number; the kernels' "
+                            "layout pairs channels.",
                             "quantize with an even group size such as 128.")
     return b, p, word_rows(bits) * lanes(bits, b), math.ceil(in_features / b)
 
