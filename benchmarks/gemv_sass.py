@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from quantlrm.kernels import triton_kernels as tk  # noqa: E402
-from quantlrm.kernels.layout import geometry, lanes, word_rows  # noqa: E402
+from quantlrm.kernels.layout import kernel_constants  # noqa: E402
 
 NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -43,11 +43,9 @@ def loop_body(cubin: bytes, tag: str) -> list[str]:
 
 
 def layout_consts(bits: int) -> dict:
-    """The kernels' layout constants for B = 128 (as `kernels._layout_args`)."""
-    _, p, w, _ = geometry(bits, 128, 4096)
-    n_lanes, t = lanes(bits, 128), word_rows(bits)
-    return dict(BITS=bits, P=p, B=128, W=w, L=n_lanes, T=t, S=t * (p // 2) + (bits == 3),
-                L_PAD=1 << (n_lanes - 1).bit_length())
+    """The kernels' layout constants for B = 128, plus the lane tile's padded width."""
+    c = kernel_constants(bits, 128, 4096)
+    return dict(c, L_PAD=1 << (c["L"] - 1).bit_length())
 
 
 def codes_per_block(bits: int) -> int:

@@ -16,7 +16,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from quantlrm.kernels.layout import KernelWeight, dequantize, reference_matmul
+from quantlrm.kernels.layout import (
+    KernelWeight,
+    codes_per_lane,
+    dequantize,
+    kernel_constants,
+    reference_matmul,
+)
 
 __all__ = ["KernelWeight", "Config", "qmatmul", "qmatmul_op", "candidates", "run_config", "triton_available", "tune", "bf16x2_enabled",
            "dequantize", "reference_matmul", "gated"]
@@ -161,14 +167,12 @@ def _pow2(n: int) -> int:
 
 
 def _layout_args(kw: KernelWeight) -> dict:
-    n_lanes, t = kw.lanes, kw.word_rows
-    return dict(BITS=kw.bits, P=kw.per_word, B=kw.block, W=kw.words_per_block, L=n_lanes, T=t,
-                S=t * (kw.per_word // 2) + (1 if kw.bits == 3 else 0))
+    return kernel_constants(kw.bits, kw.group_size, kw.in_features)
 
 
 def _slots_per_block(kw: KernelWeight) -> int:
-    """Code slots the GEMM walks per block: every word's codes, plus 3 bits' spare codes."""
-    return kw.per_word * kw.words_per_block + (2 * kw.lanes if kw.bits == 3 else 0)
+    """Code slots the GEMM walks per block: every lane's codes (3 bits: the spare ones too)."""
+    return codes_per_lane(kw.bits) * kw.lanes
 
 
 def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> torch.Tensor:

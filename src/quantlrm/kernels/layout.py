@@ -113,6 +113,13 @@ def lanes(bits: int, block: int) -> int:
     return math.ceil(block / codes_per_lane(bits))
 
 
+def kernel_constants(bits: int, group_size: int, in_features: int) -> dict[str, int]:
+    """The kernels' layout constexprs: BITS, P, B, W, L, T and S (pair slots per lane: its
+    words' H pairs each, plus 3 bits' spare slot)."""
+    b, p, w, _ = geometry(bits, group_size, in_features)
+    return dict(BITS=bits, P=p, B=b, W=w, L=lanes(bits, b), T=word_rows(bits), S=codes_per_lane(bits) // 2)
+
+
 def geometry(bits: int, group_size: int, in_features: int) -> tuple[int, int, int, int]:
     """(B, P, W, n_blocks): channels per block, codes per word, words per block, blocks per row."""
     b, p = block_size(group_size, in_features), codes_per_word(bits)

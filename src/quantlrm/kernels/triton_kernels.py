@@ -71,6 +71,17 @@ def _load_words(pw, mask, L: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr
 
 
 @triton.jit
+def _word_row(w0, w1, w2, tr: tl.constexpr):
+    """Word row `tr` of a lane tile loaded by `_load_words` (tr a compile-time constant)."""
+    w = w2
+    if tr == 0:
+        w = w0
+    if tr == 1:
+        w = w1
+    return w
+
+
+@triton.jit
 def _spare(w0, w1, w2, R: tl.constexpr):
     """3 bits' spare slot, gathered from bits 15 and 31 of a lane's three words: its low code
     at bits R..R+2, its high code at R+16..R+18 (then decoded like any pair at offset R)."""
@@ -190,12 +201,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 tr = sl // H
                 p = sl % H
                 if p == 0:
-                    if tr == 0:
-                        word = w0
-                    elif tr == 1:
-                        word = w1
-                    else:
-                        word = w2
+                    word = _word_row(w0, w1, w2, tr)
                     upper = word >> 16
                 R = BITS * p  # bit offset of the pair's codes in the word and in `upper`
                 lo_src = word
@@ -298,14 +304,8 @@ def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
     word = w0
     for sl in tl.static_range(S):
         if sl < T * H:
-            tr = sl // H
             p = sl % H
-            if tr == 0:
-                word = w0
-            elif tr == 1:
-                word = w1
-            else:
-                word = w2
+            word = _word_row(w0, w1, w2, sl // H)
             c_lo = (word >> (BITS * p)) & MASK
             c_hi = (word >> (BITS * p + 16)) & MASK
         else:
@@ -436,12 +436,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 tr = sl // H
                 p = sl % H
                 if p == 0:
-                    if tr == 0:
-                        word = w0
-                    elif tr == 1:
-                        word = w1
-                    else:
-                        word = w2
+                    word = _word_row(w0, w1, w2, tr)
                     src = word
                 R = BITS * (p % FIT)  # bit offset of the pair in `src` (the word, shifted every FIT pairs)
                 if p % FIT == 0 and p > 0:
