@@ -76,12 +76,12 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
     for bi, bits in enumerate(args.bits):
         stop = t0 + args.budget * (bi + 1) / len(args.bits)
         for short, (n, k) in FUSED_SHAPES.items():
-            kws = [kw for kw in random_layout(n, k, bits, args.group_size, args.copies)]
+            kws = random_layout(n, k, bits, args.group_size, args.copies)
             for kw in kws:
                 kw.scale, kw.zero = kw.scale.to(dt), kw.zero.to(dt)
             x = torch.randn(1, k, device="cuda", dtype=dt)
             nbytes = kws[0].nbytes() + 2 * (n + k)
-            chosen, _, final = tune(x, kws[0])
+            chosen, _, _ = tune(x, kws[0])
             t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
