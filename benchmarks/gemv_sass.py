@@ -54,13 +54,13 @@ def codes_per_block(bits: int) -> int:
     return 2 * c["S"] * c["L_PAD"]
 
 
-def compile_h2(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch: bool) -> bytes:
+def compile_h2(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch: bool, rg: int = 1) -> bytes:
     dt = "*bf16" if bf16 else "*fp16"
     sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": dt, "z_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "N": "i32", "K": "i32", "n_blocks": "i32", "blocks_per_split": "i32",
            "stride_s": "i32"}
     const = dict(GB=1, BLOCK_N=block_n, EVEN_N=True, EVEN_K=True, MODE=2, PREFETCH=prefetch, U=u, FULL=True,
-                 ACT=False, EMULATE=False, BF16=bf16, **layout_consts(bits))
+                 ACT=False, EMULATE=False, BF16=bf16, RG=rg, **layout_consts(bits))
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(12) if i not in (9, 10)}
     src = ASTSource(fn=tk._gemv_h2_kernel, signature=sig, constexprs=const, attrs=attrs)

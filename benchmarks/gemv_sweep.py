@@ -59,13 +59,15 @@ FUSED_SHAPES = {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336), "qkv_
 
 
 def half2_grid(lanes: int):
-    """The half2 GEMV's tiles: rows, warps, split-K, blocks per step, prefetch; 1-16 lane tiles a thread."""
+    """The half2 GEMV's tiles: rows, warps, split-K, blocks per step, prefetch, row pairs; 1-16 lane
+    tiles a thread (a row pair holds two)."""
     from quantlrm.kernels import Config
 
-    for bn, w, sk, u, pf in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4),
-                                              (False, True)):
-        if 1 <= bn * u * lanes / (32 * w) <= 16:
-            yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True)
+    for bn, w, sk, u, pf, rg in itertools.product((8, 16, 32, 64, 128), (2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4),
+                                                  (False, True), (1, 2)):
+        if 1 <= bn * u * lanes / (32 * w) and bn * u * lanes * rg / (32 * w) <= 16 and (bn > 8 or rg == 2):
+            yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True,
+                         row_groups=rg)
 
 
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
@@ -86,6 +88,8 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
             for c in half2_grid(kws[0].lanes):
+                if args.row_groups and c.row_groups != args.row_groups:
+                    continue
                 if time.time() > stop:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
                     break
@@ -111,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="sweep.json")
     ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--row-groups", type=int, default=0, help="--half2: only tiles of this many row groups (0: all)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")

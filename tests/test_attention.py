@@ -60,6 +60,7 @@ def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu"):
     fused = dict(new_k=nk, new_v=nv, cos=cos, sin=sin, q_norm=qn, k_norm=kn, eps=1e-6,
                  pos=torch.tensor(cur, device=device))
     got = K._launch(q, kc, vc, mask, d ** -0.5, split, fused=fused).float()
+    assert int(fused["pos"]) == cur + 1, "the fused op advances the position (StaticLayer.update's increment)"
     kc2[:, :, cur] = K.rope_reference(nk, cos, sin, kn, 1e-6).to(dtype)
     vc2[:, :, cur] = nv
     qr = K.rope_reference(q, cos, sin, qn, 1e-6).to(dtype).unsqueeze(2)
@@ -200,6 +201,22 @@ _INTERP = textwrap.dedent("""
     assert calls == [True] * 4 * cfg.num_hidden_layers, calls
     err = float((res["sdpa"] - res["quantlrm"]).abs().max())
     assert err < 2e-3, ("compiled", err)
+
+    # quantlrm.generate's step with our attention: a ready-made boolean mask and positions, the
+    # fused kernel advancing every layer's cache length; same tokens and lengths as SDPA's
+    from quantlrm.decoding import Decoder
+    calls.clear()
+    toks, lens = {}, {}
+    for impl in ("sdpa", register()):
+        model.config._attn_implementation = impl
+        dec = Decoder(model, 32, compile=False, graph=False)
+        assert (dec.mask is not None) == (impl != "sdpa")
+        dec.fwd = torch.compile(dec._next, backend="aot_eager", dynamic=False)
+        toks[impl] = dec.generate(ids, 6, eos_token_id=[])
+        lens[impl] = [int(layer.cumulative_length) for layer in dec.cache.layers]
+    assert calls == [True] * 5 * cfg.num_hidden_layers, calls
+    assert torch.equal(toks["sdpa"], toks["quantlrm"]), toks
+    assert lens["sdpa"] == lens["quantlrm"] == [7 + 5] * cfg.num_hidden_layers, lens
     print("WORST", max(worst, err))
 """)
 

@@ -224,9 +224,13 @@ _INTERP_SCRIPT = textwrap.dedent("""
             if m == 1:  # every code path: plain, several blocks per step, split-K, the GEMM fallback
                 cands = [Config("gemv", block_n=4), Config("gemv", block_n=2, x32=True),
                          Config("gemv", block_n=8, split_k=3), cands[-1]]
-                if bits <= 4:  # the half2 GEMV, its PTX pair emulated: one block or U per step, prefetch
+                if bits <= 4:  # the half2 GEMV, its PTX pair emulated: one block or U per step, prefetch,
+                    # row pairs (row_groups=2: odd n leaves the last pair half outside)
                     cands += [Config("gemv", block_n=4, half2=True),
-                              Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True)]
+                              Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True),
+                              Config("gemv", block_n=4, half2=True, row_groups=2),
+                              Config("gemv", block_n=4, split_k=3, half2=True, blocks_per_step=2, prefetch=True,
+                                     row_groups=2)]
             else:
                 cands = [cands[0], cands[1], cands[-1]]
             for c in cands:
@@ -261,7 +265,9 @@ _INTERP_SCRIPT = textwrap.dedent("""
         y = x.float() @ L.dequantize(kw, torch.float32).t()
         ref = torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2]
         for c in (Config("gemv", block_n=4), Config("gemv", block_n=8, split_k=2), Config("gemm", block_m=16, block_n=16),
-                  Config("gemv", block_n=8, split_k=2, half2=True, blocks_per_step=2)):
+                  Config("gemv", block_n=8, split_k=2, half2=True, blocks_per_step=2),
+                  Config("gemv", block_n=4, half2=True, row_groups=2),
+                  Config("gemv", block_n=2, split_k=2, half2=True, blocks_per_step=2, row_groups=2)):
             got = run_config(x, kw, c, act=True).float()
             assert got.shape == (1, n // 2), (c, got.shape)
             err = float((got - ref).norm() / ref.norm())
@@ -275,7 +281,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
         x = torch.randn(1, k).bfloat16()
         ref = x.float() @ L.dequantize(kw, torch.float32).t()
         for c in (Config("gemv", block_n=4, half2=True),
-                  Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True)):
+                  Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True),
+                  Config("gemv", block_n=4, split_k=2, half2=True, blocks_per_step=2, row_groups=2)):
             y = run_config(x, kw, c)
             err = float((y.float() - ref).norm() / ref.norm())
             assert y.dtype == torch.bfloat16 and err < 8e-3, (bits, n, k, g, c, err)

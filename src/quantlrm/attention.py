@@ -104,8 +104,7 @@ def _decode_forward(self, *args, **kwargs):
     eps = float(getattr(qn, "variance_epsilon", getattr(qn, "eps", 1e-6))) if qn is not None else 0.0
     out = K.fused_decode_attention_op(
         q, k, v, plan["cos"], plan["sin"], None if qn is None else qn.weight, None if kn is None else kn.weight, eps,
-        layer.keys, layer.values, layer.cumulative_length, attention_mask, float(self.scaling))
-    layer.cumulative_length.add_(1)  # what StaticLayer.update does after its write
+        layer.keys, layer.values, layer.cumulative_length, attention_mask, float(self.scaling))  # advances it
     return self.o_proj(out.reshape(bsz, 1, -1)), None
 
 

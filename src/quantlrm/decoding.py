@@ -66,11 +66,20 @@ class Decoder:
                                   f"({window}); decoding eagerly (no compile, no CUDA graph)", stacklevel=3)
         # torch.compile fuses the small ops of the one-token step (norms, residuals); each
         # quantized linear stays one opaque custom op (quantlrm::qmatmul)
+        # (the greedy pick too: inductor's argmax over the vocabulary takes a few us, eager's
+        # one-block reduction 35 us on an H100)
         self.compiled = compile and on_cuda  # as asked (a failed capture keeps it: no retry per call)
-        self.fwd = torch.compile(model.forward, dynamic=False) if self.compiled and not eager_only else model.forward
+        self.fwd = torch.compile(self._next, dynamic=False) if self.compiled and not eager_only else self._next
         self.use_graph = graph and on_cuda and not eager_only
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        # Our attention reads a boolean mask; given one ready-made (and the positions), the
+        # compiled step does not rebuild the causal mask from the cache length, which inductor
+        # did once per layer (one launch each). Sliding layers need their own masks.
+        self.mask = None
+        if getattr(cfg, "_attn_implementation", None) == "quantlrm" and not eager_only and not any(
+                getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            self.mask = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.kw = cache_kwarg(model)
@@ -79,11 +88,20 @@ class Decoder:
     def step(self) -> torch.Tensor:
         """One token: reads `tok`, writes the next one there. The position comes from the cache's
         own (tensor) length; `pos` is passed along for models whose forward reads it."""
-        out = self.fwd(input_ids=self.tok, cache_position=self.pos, use_cache=True, **{self.kw: self.cache})
-        nxt = out.logits[:, -1, :].argmax(-1)
+        if self.mask is not None:
+            self.mask.view(-1).index_fill_(0, self.pos, True)  # this token's key joins the mask
+        nxt = self.fwd(self.tok, self.pos, self.mask)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.add_(1)
         return nxt
+
+    def _next(self, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The forward of one token and its greedy successor [1] (what gets compiled)."""
+        kw = {self.kw: self.cache}
+        if mask is not None:
+            kw.update(attention_mask=mask, position_ids=pos.view(1, 1))
+        out = self.model(input_ids=tok, cache_position=pos, use_cache=True, **kw)
+        return out.logits[:, -1, :].argmax(-1)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -95,6 +113,9 @@ class Decoder:
         nxt = out.logits[:, -1, :].argmax(-1)
         self.tok.copy_(nxt.view(1, 1))
         self.pos.fill_(p)
+        if self.mask is not None:
+            self.mask.zero_()
+            self.mask[..., :p] = True
         return nxt
 
     @torch.no_grad()
@@ -127,7 +148,7 @@ class Decoder:
             except Exception as e:  # noqa: BLE001 -- a slower eager loop still gives the right tokens
                 warnings.warn(f"compiling or capturing the decode step failed ({type(e).__name__}: {e}); "
                               "decoding eagerly", stacklevel=3)
-                self.use_graph, self.fwd, self.graph = False, self.model.forward, None
+                self.use_graph, self.fwd, self.graph = False, self._next, None
         eos = None if eos_token_id in (None, []) else torch.tensor(
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
         toks = torch.empty(new_tokens, dtype=torch.long, device=self.device)

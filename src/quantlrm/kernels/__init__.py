@@ -79,6 +79,7 @@ class Config:
     half2: bool = False
     prefetch: bool = False
     blocks_per_step: int = 1
+    row_groups: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
@@ -124,6 +125,11 @@ GEMV_H2_CONFIGS = tuple(
     Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u)
     for bn, w, sk, u in ((16, 2, 1, 4), (16, 2, 1, 2), (32, 4, 1, 4), (32, 4, 8, 1), (32, 8, 4, 2), (64, 8, 8, 1),
                          (16, 2, 8, 1))
+) + tuple(  # row pairs sharing the activation loads, the fastest of them on the fused 8B shapes
+    # (gemv_sweep.py --half2 --row-groups 2, BENCHMARKS.md, Kernels, version 10): gate/up and down_proj
+    Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, row_groups=2)
+    for bn, w, sk, u, pf in ((8, 2, 1, 4, False), (16, 4, 1, 4, False), (16, 4, 1, 2, False), (8, 2, 8, 4, True),
+                             (8, 4, 4, 4, False), (16, 4, 8, 2, False), (8, 2, 4, 2, False), (8, 4, 4, 4, True))
 )
 
 
@@ -248,7 +254,9 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
 
     m, k = x2.shape
     n = kw.out_features
-    if act and (n % 2 or (cfg.kind == "gemv" and cfg.block_n % 2)):
+    rg = cfg.row_groups if cfg.half2 else 1
+    rows = cfg.block_n * rg  # a GEMV program's rows
+    if act and (n % 2 or (cfg.kind == "gemv" and rows % 2)):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
     if cfg.kind == "dequant":
         y = x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
@@ -262,14 +270,14 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
         raise ValueError(f"the GEMV configurations take 1 (half2) or up to {MAX_GEMV_ROWS} activation rows")
     if cfg.half2 and x2.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the half2 GEMV takes fp16 or bf16 activations, not {x2.dtype}")
-    ws = _workspace(x2.device, n * m, split, tk.cdiv(n, cfg.block_n)) if gemv else None
+    ws = _workspace(x2.device, n * m, split, tk.cdiv(n, rows)) if gemv else None
     atomic = split > 1 and ws is None
     fused_act = act and gemv and not atomic
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n // 2 if fused_act else n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
     if cfg.kind == "gemv":
-        grid = (tk.cdiv(n, cfg.block_n), split)
+        grid = (tk.cdiv(n, rows), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
         xin = x2.float() if cfg.x32 and not cfg.half2 else x2
         if k % 2:  # the kernels read activation pairs
@@ -280,13 +288,13 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             raise ValueError(f"packed weight of shape {tuple(kw.packed.shape)} and strides {kw.packed.stride()} is "
                              "not contiguous rows of n_blocks * W words")
         meta = dict(L_PAD=_pow2(kw.lanes), GB=gb, BLOCK_N=cfg.block_n,
-                    EVEN_N=n % cfg.block_n == 0, EVEN_K=k % kw.block == 0,
+                    EVEN_N=n % rows == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, **meta)
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

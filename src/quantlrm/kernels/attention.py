@@ -73,7 +73,8 @@ if triton is not None:
                             sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h,
                             nk_ptr, nv_ptr, snk_b, snv_b, cos_ptr, sin_ptr, sc_b, qn_ptr, kn_ptr, eps, pos_ptr,
                             REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
-                            SPLIT: tl.constexpr, FUSED: tl.constexpr, QK_NORM: tl.constexpr):
+                            SPLIT: tl.constexpr, FUSED: tl.constexpr, QK_NORM: tl.constexpr,
+                            ADVANCE: tl.constexpr = False):
         # program (b, KV head, split): the split's cache blocks with an online softmax; with
         # SPLIT > 1 each split leaves (max, sum, acc) in the workspace and the last split of a
         # head to arrive (atomic count) merges them in split order, as the split-K GEMV does.
@@ -81,6 +82,8 @@ if triton is not None:
         # each program normalises and rotates them, attends to the new token from registers,
         # and the program whose split holds the cache position writes it to the cache. So the
         # cache is never read before it is written, and RoPE and the write need no launch.
+        # ADVANCE: the last program of the grid to read the position (counted at cnt_ptr[heads])
+        # moves it on by one as it finishes: no increment launch per layer.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -104,6 +107,11 @@ if triton is not None:
             if (cur >= lo) & (cur < hi):
                 tl.store(k_base + cur * sk_l + d[None, :] + one[:, None] * 0, k_new)
                 tl.store(v_base + cur * sv_l + d[None, :] + one[:, None] * 0, v_new)
+            if ADVANCE:  # counted here (the position used), so the atomic's latency hides behind the
+                # attention below; release only: an acquire made every later load wait for it
+                tl.debug_barrier()  # every thread has used the position before the release
+                heads_all = tl.num_programs(0) * tl.num_programs(1)
+                started = tl.atomic_add(cnt_ptr + heads_all, 1, sem="release")
         else:
             q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
         m_i = tl.full([16], float("-inf"), tl.float32)
@@ -161,6 +169,10 @@ if triton is not None:
                 out = tl.where(den[:, None] > 0, num / den[:, None], 0.0)
                 tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
                 tl.atomic_xchg(cnt_ptr + head, 0)
+        if ADVANCE:  # the last program to have read the position (counted at the start) moves it on
+            if started == heads_all * tl.num_programs(2) - 1:
+                tl.atomic_xchg(cnt_ptr + heads_all, 0, sem="acq_rel")  # (acquire: after every release)
+                tl.store(pos_ptr, cur + 1)
 
 
 TARGET_PROGRAMS = 128  # about one program per SM of an H100 (132)
@@ -184,7 +196,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     if split is None:  # a power of two (few compiles), at most one program per block
         split = 1 << (max(1, min(n_blocks, TARGET_PROGRAMS // (bsz * hkv))).bit_length() - 1)
     per = triton.cdiv(n_blocks, split)  # programs past the cache's end find nothing and weigh 0
-    ws = workspace(q.device, bsz * hkv * split * (16 * d + 32), bsz * hkv) if split > 1 else None
+    # a counter per head for the split merge, one more for the grid (the fused path's advance)
+    ws = workspace(q.device, bsz * hkv * split * (16 * d + 32) if split > 1 else 1, bsz * hkv + 1) \
+        if split > 1 or fused is not None else None
+    advance = fused is not None and ws is not None
     if ws is None:
         split, per = 1, n_blocks
         ws = (out, out)  # never read
@@ -202,7 +217,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         sm_b, sm_l, out.stride(0), out.stride(2),
         f["nk"], f["nv"], f["snk_b"], f["snv_b"], f["cos"], f["sin"], f["sc_b"], f["qn"], f["kn"], f["eps"], f["pos"],
         REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=split,
-        FUSED=fused is not None, QK_NORM=fused is not None and fused["q_norm"] is not None, num_warps=4)
+        FUSED=fused is not None, QK_NORM=fused is not None and fused["q_norm"] is not None, ADVANCE=advance,
+        num_warps=4)
+    if fused is not None and not advance:  # no counter (first call inside a graph capture)
+        fused["pos"].add_(1)
     return out
 
 
@@ -232,7 +250,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: 
     return x * cos.float().view(cos.shape[0], 1, -1) + rot * sin.float().view(sin.shape[0], 1, -1)
 
 
-@torch.library.custom_op("quantlrm::fused_decode_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("quantlrm::fused_decode_attention", mutates_args=("k_cache", "v_cache", "pos"))
 def fused_decode_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -240,8 +258,9 @@ def fused_decode_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch
     """A decode step's attention from the raw projections: q [B, Hq, D] and the new k/v
     [B, Hkv, D] (last dims contiguous, heads D apart), per-head RMS norm weights (Qwen3) or None,
     RoPE's cos/sin [B or 1, 1, D], a static cache [B, Hkv, L, D] and the token's position `pos`
-    (0-dim). Writes k (normed, rotated) and v at `pos` and returns [B, 1, Hq, D]; the caller
-    advances `pos`. One launch instead of RoPE, two cache writes and attention."""
+    (0-dim). Writes k (normed, rotated) and v at `pos`, advances `pos` by one (as
+    StaticLayer.update would) and returns [B, 1, Hq, D]. One launch instead of RoPE, two cache
+    writes, attention and the position's increment."""
     if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         d = q.shape[-1]
         q, new_k, new_v = (t if t.stride(-1) == 1 and t.stride(1) == d else t.contiguous() for t in (q, new_k, new_v))
@@ -254,7 +273,9 @@ def fused_decode_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch
     v_cache[:, :, p] = new_v.to(v_cache.dtype)
     valid = torch.arange(k_cache.shape[2], device=q.device) <= p
     m = valid.view(1, 1, 1, -1) if mask is None else (mask.bool() & valid.view(1, 1, 1, -1))
-    return reference(qr, k_cache, v_cache, m, scale)
+    out = reference(qr, k_cache, v_cache, m, scale)
+    pos.add_(1)
+    return out
 
 
 @fused_decode_attention_op.register_fake

@@ -377,21 +377,91 @@ def _h2_pair(acc, src, mask, mult, nz, x, BF16: tl.constexpr = False):
 
 
 @triton.jit
+def _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U: tl.constexpr, GB: tl.constexpr):
+    """Scale and zero point per (row, block) of a step's U blocks, as [BLOCK_N, U] (expanded by
+    the caller, so they arrive in the slice of the words' layout; a [BLOCK_N, U, 1] load needed
+    a shuffle). The first use of a step's zero point waited on this load more than on any other
+    (Nsight Compute, BENCHMARKS.md, Kernels, version 10), so the prefetching walk issues it a
+    step ahead, with the words."""
+    ub = blk + tl.arange(0, U)[None, :]
+    grp = ub // GB if GB > 0 else ub * 0
+    sz_mask = (rows[:, None] < N) & (ub < b_end)
+    s = tl.load(s_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0)
+    return s, z
+
+
+@triton.jit
+def _slot_src(w0, w1, w2, sl: tl.constexpr, H: tl.constexpr, T: tl.constexpr, FIT: tl.constexpr,
+              BITS: tl.constexpr, RS: tl.constexpr):
+    """The word holding slot `sl`'s code pair at a known offset (see the kernel): pair p of word
+    row sl // H, shifted by whole groups of FIT pairs, or 3 bits' spare slot (gathered)."""
+    if sl < T * H:
+        word = _word_row(w0, w1, w2, sl // H)
+        shift: tl.constexpr = BITS * FIT * ((sl % H) // FIT)
+        if shift > 0:
+            word = word >> shift
+    else:
+        word = _spare(w0, w1, w2, RS)
+    return word
+
+
+@triton.jit
+def _neg_zero(z, R: tl.constexpr, zero3, BF16: tl.constexpr):
+    """The pair's subtrahend (16-bit pair of equal halves) for codes at bit offset R."""
+    if BF16:  # (c - z) exactly: (128 + c*2^R) * 2^-R - (z + 128*2^-R)
+        nz16 = _rn_bf16(-z.to(tl.float32) - 128.0 / (1 << R))
+    else:  # (c - z) / 16: (1024 + c*2^R) * 2^-(R+4) - (z/16 + 64*2^-R)
+        nz16 = (z.to(tl.float16) * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True)
+        nz16 = nz16.to(tl.uint32)
+    return zero3 + (nz16 | (nz16 << 16))[:, :, None]
+
+
+@triton.jit
+def _pair_step(h, src, mask, mult, nz, xp, BF16: tl.constexpr, EMULATE: tl.constexpr):
+    if BF16 and EMULATE:
+        h = _bf2_pair_emulated(h, src, mask, mult, nz, xp)
+    elif EMULATE:
+        h = _h2_pair_emulated(h, src, mask, mult, nz, xp)
+    else:
+        h = _h2_pair(h, src, mask, mult, nz, xp, BF16)
+    return h
+
+
+@triton.jit
+def _widen(h, BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """The fp32 sum of a 16-bit pair sum's halves."""
+    if BF16:  # bf16 -> fp32 is a 16-bit shift
+        part = _bf16_lo(h) + _bf16_lo(h >> 16)
+    elif EMULATE:
+        part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
+    else:
+        part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
+                                         pack=1).to(tl.float32, bitcast=True)
+    return part
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     N, K, n_blocks, blocks_per_split, stride_s,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
                     T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, GB: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
-                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False):
+                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
     # one load's latency per block, not by bandwidth). Slot s of lane j of block u multiplies
     # the activation pair s*L + j of that block. FULL (host-checked): every step holds U whole
     # blocks of this split and L == L_PAD, so no load needs a mask.
-    # PREFETCH: the next step's words are loaded before this step is decoded. EMULATE: the PTX
-    # pair in plain Triton, for the CPU interpreter (which cannot run inline assembly).
+    # RG 2: a program owns 2 * BLOCK_N rows, as two tiles of the even and the odd rows that
+    # share every activation load: each thread holds a row pair. (The activations are 2 bytes
+    # a code against the words' 3/8: their loads were most of the L1 traffic, and L1 was the
+    # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.)
+    # PREFETCH: the next step's words, scales and zero points are loaded before this step is
+    # decoded. EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
+    # inline assembly).
     # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
     # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs. (Once
     # per three-word lane in fp16 was 1% faster end to end, within noise, and halved the
@@ -400,7 +470,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     MANT: tl.constexpr = 7 if BF16 else 10  # mantissa bits of the 16-bit format
     FIT: tl.constexpr = (MANT - BITS) // BITS + 1  # pairs decodable per shift (r + BITS <= MANT)
     RS: tl.constexpr = BITS * (FIT - 1)  # the spare slot's offset: one the word pairs use already
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * (BLOCK_N * RG) + tl.arange(0, BLOCK_N) * RG  # the even rows when RG == 2
     r3 = rows[:, None, None]
     uu = tl.arange(0, U)[None, :, None]
     jj = tl.arange(0, L_PAD)[None, None, :]
@@ -410,48 +480,54 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)  # reduced once, at the end
     pw0 = p_ptr + r3 * (n_blocks * W) + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
     wmask = (r3 < N) & (jj < L)
-    if PREFETCH:
+    if RG == 2:  # the odd rows
+        acc3b = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
+        pw0b = pw0 + n_blocks * W
+        wmaskb = (r3 + 1 < N) & (jj < L)
+    if PREFETCH:  # the first step's words, scales and zero points
         n0, n1, n2 = _load_words(pw0 + b_begin * W, wmask & (b_begin + uu < b_end), L, T, True)
+        n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, b_begin, b_end, N, U, GB)
+        if RG == 2:
+            m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
+            m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
     for blk in range(b_begin, b_end, U):
-        if PREFETCH:
+        if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2 = n0, n1, n2
+            s, z = n_s, n_z
             n0, n1, n2 = _load_words(pw0 + (blk + U) * W, wmask & (blk + U + uu < b_end), L, T, True)
+            n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk + U, b_end, N, U, GB)
+            if RG == 2:
+                v0, v1, v2 = m0, m1, m2
+                sb, zb = m_s, m_z
+                m0, m1, m2 = _load_words(pw0b + (blk + U) * W, wmaskb & (blk + U + uu < b_end), L, T, True)
+                m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk + U, b_end, N, U, GB)
         else:
             w0, w1, w2 = _load_words(pw0 + blk * W, wmask & (blk + uu < b_end), L, T,
                                      not (FULL and EVEN_N and L == L_PAD))
-        # scale and zero point per (row, block): loaded as [BLOCK_N, U] and expanded, so they
-        # arrive in the slice of the words' layout (a [BLOCK_N, U, 1] load needed a shuffle)
-        ub = blk + tl.arange(0, U)[None, :]
-        grp = ub // GB if GB > 0 else ub * 0
-        sz_mask = (rows[:, None] < N) & (ub < b_end)
-        s = tl.load(s_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(z_ptr + rows[:, None] * stride_s + grp, mask=sz_mask, other=0.0)
+            s, z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U, GB)
+            if RG == 2:
+                v0, v1, v2 = _load_words(pw0b + blk * W, wmaskb & (blk + uu < b_end), L, T,
+                                         not (FULL and EVEN_N and L == L_PAD))
+                sb, zb = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk, b_end, N, U, GB)
+        s = s.to(tl.float32)[:, :, None]
         if not BF16:
             s = s * 16.0
         h = zero3
-        word = w0
-        src = w0
+        if RG == 2:
+            sb = sb.to(tl.float32)[:, :, None]
+            if not BF16:
+                sb = sb * 16.0
+            hb = zero3
         for sl in tl.static_range(S):
-            if sl < T * H:  # pair p of word row tr
-                tr = sl // H
-                p = sl % H
-                if p == 0:
-                    word = _word_row(w0, w1, w2, tr)
-                    src = word
-                R = BITS * (p % FIT)  # bit offset of the pair in `src` (the word, shifted every FIT pairs)
-                if p % FIT == 0 and p > 0:
-                    src = word >> (BITS * p)
-            else:  # the 3-bit spare slot, gathered at offset RS
+            # bit offset of the pair in its source word (shifted every FIT pairs), or the spare slot's
+            if sl < T * H:
+                R = BITS * ((sl % H) % FIT)
+            else:
                 R = RS
-                src = _spare(w0, w1, w2, RS)
-            if BF16:  # (c - z) exactly: (128 + c*2^R) * 2^-R - (z + 128*2^-R)
-                nz16 = _rn_bf16(-z.to(tl.float32) - 128.0 / (1 << R))
+            if BF16:
                 mult = zero3 + ((127 - R) << 7) * 0x10001  # bf16x2 of 2^-R
-            else:  # (c - z) / 16: (1024 + c*2^R) * 2^-(R+4) - (z/16 + 64*2^-R)
-                nz16 = (z.to(tl.float16) * -0.0625 - 64.0 / (1 << R)).to(tl.float16).to(tl.uint16, bitcast=True)
-                nz16 = nz16.to(tl.uint32)
+            else:
                 mult = zero3 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
-            nz = zero3 + (nz16 | (nz16 << 16))[:, :, None]
             mask = zero3 + (((1 << BITS) - 1) << R) * 0x10001
             kp = (blk + uu) * (B // 2) + sl * L + jj  # [1, U, L_PAD] activation pair indices
             px = x_ptr + (zero3.to(tl.int32) + kp)  # rows repeat the same addresses (L1)
@@ -464,29 +540,31 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             else:
                 inb = (2 * (sl * L + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
                 xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
-            if BF16 and EMULATE:
-                h = _bf2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
-            elif EMULATE:
-                h = _h2_pair_emulated(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True))
-            else:
-                h = _h2_pair(h, src, mask, mult, nz, xp.to(tl.uint32, bitcast=True), BF16)
+            xp = xp.to(tl.uint32, bitcast=True)
+            h = _pair_step(h, _slot_src(w0, w1, w2, sl, H, T, FIT, BITS, RS), mask, mult,
+                           _neg_zero(z, R, zero3, BF16), xp, BF16, EMULATE)
+            if RG == 2:
+                hb = _pair_step(hb, _slot_src(v0, v1, v2, sl, H, T, FIT, BITS, RS), mask, mult,
+                                _neg_zero(zb, R, zero3, BF16), xp, BF16, EMULATE)
             if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1):  # a word row done: widen its sum
-                if BF16:  # bf16 -> fp32 is a 16-bit shift
-                    acc3 += (_bf16_lo(h) + _bf16_lo(h >> 16)) * s
-                else:
-                    if EMULATE:
-                        part = (_f16(h) + _f16(h >> 16)).to(tl.float16).to(tl.float32)
-                    else:
-                        part = tl.inline_asm_elementwise(_WIDEN_ASM, "=r,r", [h], dtype=tl.uint32, is_pure=True,
-                                                         pack=1).to(tl.float32, bitcast=True)
-                    acc3 += part * s
+                acc3 += _widen(h, BF16, EMULATE) * s
                 h = zero3
+                if RG == 2:
+                    acc3b += _widen(hb, BF16, EMULATE) * sb
+                    hb = zero3
     if L != L_PAD:
         acc3 = tl.where(jj < L, acc3, 0.0)
-    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    if RG == 2:
+        if L != L_PAD:
+            acc3b = tl.where(jj < L, acc3b, 0.0)
+        # rows 2i and 2i+1 side by side: the program's rows in order (and a gated MLP's (gate,
+        # up) pairs, which are interleaved rows, in one thread)
+        acc = tl.reshape(tl.join(acc, tl.sum(tl.sum(acc3b, axis=2), axis=1)), [2 * BLOCK_N])
+        rows = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
     mask_n = rows < N
-    _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1), MODE,
-                BLOCK_N, ACT)
+    _store_rows(acc[None, :], y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1), MODE,
+                BLOCK_N * RG, ACT)
 
 
 @triton.jit
@@ -540,3 +618,25 @@ def _bf2_pair_emulated(acc, src, mask, mult, nz, x):
     hi = _bf16_lo(_rn_bf16(_bf16_lo(v >> 16) * _bf16_lo(mult >> 16) + _bf16_lo(nz >> 16))) * _bf16_lo(x >> 16) \
         + _bf16_lo(acc >> 16)
     return _rn_bf16_nan(lo) | (_rn_bf16_nan(hi) << 16)
+
+
+# Hopper's bulk L2 prefetch: one instruction asks the copy engine to bring up to `size` bytes
+# (a multiple of 16) into L2 and returns at once; nothing waits on it, so a latency-bound kernel
+# can keep HBM busy for the next kernel's weights.
+_BULK_PREFETCH = tl.constexpr("{\n.reg .pred p;\nsetp.gt.s32 p, $2, 0;\n"
+                              "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}")
+
+
+@triton.jit
+def l2_prefetch(base, nbytes, chunks, CHUNK: tl.constexpr):
+    """Prefetch bytes [c*CHUNK, (c+1)*CHUNK) of `base` into L2 for every chunk index c in `chunks`
+    (clipped to nbytes, rounded down to 16 bytes; CHUNK a multiple of 16). A hint: no result."""
+    off = chunks.to(tl.int64) * CHUNK
+    size = (tl.minimum(tl.maximum(nbytes - off, 0), CHUNK) // 16 * 16).to(tl.int32)
+    ptr = base.to(tl.pointer_type(tl.int8)) + off
+    tl.inline_asm_elementwise(_BULK_PREFETCH, "=r,l,r", [ptr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _l2_prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    l2_prefetch(base, nbytes, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), CHUNK)

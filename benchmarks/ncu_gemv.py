@@ -1,0 +1,44 @@
+"""The batch-1 GEMVs of the fused 8B shapes with fixed tiles, for Nsight Compute (GPU machine).
+
+Runs each shape's tile (the tuner's choices of BENCHMARKS.md, Kernels, version 9) a few
+times, nothing else, so a profiler can pick the launches out:
+
+    ncu -k regex:_gemv_h2 --launch-skip 4 --launch-count 4 --set full \\
+        python3 benchmarks/ncu_gemv.py --bits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
+
+# (rows, warps, split-K, blocks per step) of the tuner's version-9 choices on the H100
+TILES = {"gate_up_proj": (16, 2, 1, 4), "down_proj": (32, 4, 8, 1), "qkv_proj": (32, 8, 4, 2), "o_proj": (64, 8, 8, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+    from quantlrm.kernels import Config, run_config
+
+    for rep in range(args.reps):
+        for short, (n, k) in FUSED_SHAPES.items():
+            kw = random_layout(n, k, args.bits, 128, 1, min_bytes=0)[0]
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            bn, w, sk, u = TILES[short]
+            cfg = Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, half2=True)
+            run_config(x, kw, cfg, short == "gate_up_proj")
+            torch.cuda.synchronize()
+            print(rep, short, cfg, flush=True)
+
+
+if __name__ == "__main__":
+    main()
