@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -139,7 +140,7 @@ def module_bytes(m) -> int:
 def describe(c) -> str:
     """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
     return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
-            f"prefetch={c.prefetch} u{c.blocks_per_step}")
+            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}")
 
 
 def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
@@ -353,6 +354,7 @@ def main() -> None:
 
     res["transformers"], res["triton"] = transformers.__version__, triton.__version__
     res["bf16x2"] = bf16x2_enabled()  # the half2 GEMV's bf16 form (default since version 8)
+    res["fused_norms"] = os.environ.get("QUANTLRM_FUSED_NORMS", "1") != "0"  # quantlrm.fused_layers (version 10)
     peak = copy_bandwidth()
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)
