@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -354,7 +353,6 @@ def main() -> None:
 
     res["transformers"], res["triton"] = transformers.__version__, triton.__version__
     res["bf16x2"] = bf16x2_enabled()  # the half2 GEMV's bf16 form (default since version 8)
-    res["fused_norms"] = os.environ.get("QUANTLRM_FUSED_NORMS", "1") != "0"  # quantlrm.fused_layers (version 10)
     peak = copy_bandwidth()
     res["copy_bandwidth_GBps"] = peak / 1e9
     print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s", flush=True)

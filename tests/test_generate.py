@@ -148,3 +148,21 @@ def test_gpu_graph_decode_of_a_quantized_export(tmp_path):
         chosen = logits.gather(1, out[0, 9:, None])[:, 0]
         assert bool((logits.max(1).values - chosen <= 2e-2 * logits.abs().max()).all()), model_type
         assert float((logits.argmax(1) == out[0, 9:]).float().mean()) >= 0.9, model_type
+
+
+def test_greedy_pick_is_torch_argmax():
+    """The chunked argmax of the decode step against torch.argmax: vocabularies that do and do not
+    split evenly, ties (the first maximum wins), a maximum in the padding's neighbourhood, NaN."""
+    from quantlrm.decoding import greedy
+
+    g = torch.Generator().manual_seed(0)
+    for v in (128256, 1000, 257, 100):
+        x = torch.randn(3, v, generator=g)
+        x[1, 5] = x[1, v - 1] = 50.0  # a tie: index 5 first
+        x[2, v - 1] = 60.0  # the last position (next to the padding)
+        for dt in (torch.float32, torch.float16):
+            got, want = greedy(x.to(dt)), x.to(dt).argmax(-1)
+            assert torch.equal(got, want), (v, dt, got, want)
+    x = torch.randn(1, 1000, generator=g)
+    x[0, 7] = float("nan")  # torch.argmax takes NaN as the maximum
+    assert torch.equal(greedy(x), x.argmax(-1))

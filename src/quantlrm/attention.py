@@ -89,19 +89,13 @@ def _decode_forward(self, *args, **kwargs):
     def arg(i: int, name: str):
         return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
 
-    # from `fused_layers`: return (residual + o_proj(attention), post_norm of that) instead
-    residual, post_norm = kwargs.pop("quantlrm_residual", None), kwargs.pop("quantlrm_post_norm", None)
     hidden_states, position_embeddings, attention_mask = (arg(0, "hidden_states"), arg(1, "position_embeddings"),
                                                            arg(2, "attention_mask"))
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     plan = None if len(args) > 3 or hidden_states is None else _fast_path(
         self, hidden_states, position_embeddings, attention_mask, cache)
     if plan is None:
-        out = super(type(self), self).forward(*args, **kwargs)
-        if residual is None:
-            return out
-        h = residual + out[0]
-        return (h, post_norm(h)), None
+        return super(type(self), self).forward(*args, **kwargs)
     bsz, d = hidden_states.shape[0], self.head_dim
     q = self.q_proj(hidden_states).view(bsz, -1, d)  # with fused q/k/v: one launch, three views
     k = self.k_proj(hidden_states).view(bsz, -1, d)
@@ -111,10 +105,6 @@ def _decode_forward(self, *args, **kwargs):
     out = K.fused_decode_attention_op(
         q, k, v, plan["cos"], plan["sin"], None if qn is None else qn.weight, None if kn is None else kn.weight, eps,
         layer.keys, layer.values, layer.cumulative_length, attention_mask, float(self.scaling))  # advances it
-    if residual is not None:
-        from quantlrm.fused_layers import linear_add_norm
-
-        return linear_add_norm(self.o_proj, out.reshape(bsz, 1, -1), residual, post_norm), None
     return self.o_proj(out.reshape(bsz, 1, -1)), None
 
 
@@ -148,10 +138,6 @@ def fuse_decode_attention(model: torch.nn.Module) -> int:
             sub = _DECODE_CLASSES[cls] = type(f"QuantLRMDecode{cls.__name__}", (cls,), {"forward": _decode_forward})
         mod.__class__ = sub
         n += 1
-    if n:  # the layers' residual adds and norms into the GEMVs too (needs this attention path)
-        from quantlrm.fused_layers import fuse_decode_layers
-
-        fuse_decode_layers(model)
     return n
 
 

@@ -247,13 +247,9 @@ def gated(y: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(g) * u).to(y.dtype)
 
 
-def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = False,
-               norm: tuple[torch.Tensor, torch.Tensor, float] | None = None):
+def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = False) -> torch.Tensor:
     """y [M, N] = x2 [M, K] @ W^T with one configuration; act: `gated(y)` [M, N/2] instead
-    (the GEMVs apply it as they store; the other paths after). norm (residual [1, N], RMSNorm
-    weight [N], eps; one-row half2 GEMVs only): returns (h, normed) with h = residual + y and
-    normed = RMSNorm(h), from the GEMV's tail (`_store_add_norm`), or None where the
-    workspace is not there yet (first call inside a graph capture)."""
+    (the GEMVs apply it as they store; the other paths after)."""
     from quantlrm.kernels import triton_kernels as tk
 
     m, k = x2.shape
@@ -274,15 +270,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
         raise ValueError(f"the GEMV configurations take 1 (half2) or up to {MAX_GEMV_ROWS} activation rows")
     if cfg.half2 and x2.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the half2 GEMV takes fp16 or bf16 activations, not {x2.dtype}")
-    if norm is not None:
-        if not (cfg.kind == "gemv" and cfg.half2 and m == 1 and not act):
-            raise ValueError("the residual + RMSNorm tail runs on the one-row half2 GEMV, without act")
-        # a counter per row tile for the split-K reduction, one more for the grid (the norm)
-        ws = workspace(x2.device, split * n, tk.cdiv(n, rows) + 1)
-        if ws is None:
-            return None
-    else:
-        ws = _workspace(x2.device, n * m, split, tk.cdiv(n, rows)) if gemv else None
+    ws = _workspace(x2.device, n * m, split, tk.cdiv(n, rows)) if gemv else None
     atomic = split > 1 and ws is None
     fused_act = act and gemv and not atomic
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
@@ -303,17 +291,10 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
                     EVEN_N=n % rows == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
-            extra = {}
-            if norm is not None:
-                res, nw, eps = norm
-                h = torch.empty_like(y)
-                extra = dict(h_ptr=h, res_ptr=res, nw_ptr=nw, eps=float(eps), NORM=_pow2(n))
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg, **meta, **extra)
-            if norm is not None:
-                return h, y
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,
@@ -445,47 +426,6 @@ def qmatmul(x: torch.Tensor, kw: KernelWeight, config: Config | None = None, act
         with on_device(x2):
             y = run_config(x2, kw, config or choose(x2, kw), act)
     return y.view(*shape[:-1], kw.out_features // 2 if act else kw.out_features)
-
-
-def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Qwen RMSNorm: fp32 statistics, the weight applied in h's dtype."""
-    h32 = h.float()
-    return weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-
-
-def qmatmul_add_rmsnorm(x: torch.Tensor, kw: KernelWeight, residual: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, RMSNorm(h)) for h = residual + x @ W^T: a decoder layer's projection, residual add and
-    the next norm. For one token on the GPU the norm runs in the GEMV's tail (one launch
-    instead of the norm's own); otherwise in torch, with the same result."""
-    shape = residual.shape
-    x2 = x.reshape(-1, kw.in_features)
-    x2 = x2 if x2.is_contiguous() else x2.contiguous()
-    if ((x2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x2.shape[0] == 1
-            and residual.dtype == x2.dtype == weight.dtype and residual.numel() == kw.out_features):
-        with on_device(x2):
-            cfg = choose(x2, kw)
-            if cfg.kind == "gemv" and cfg.half2:
-                out = run_config(x2, kw, cfg, norm=(residual.reshape(1, -1).contiguous(), weight.contiguous(), eps))
-                if out is not None:
-                    return out[0].view(shape), out[1].view(shape)
-    h = residual + qmatmul(x, kw).view(shape)
-    return h, rms_norm(h, weight, eps)
-
-
-@torch.library.custom_op("quantlrm::qmatmul_add_rmsnorm", mutates_args=())
-def qmatmul_add_rmsnorm_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                           bits: int, group_size: int, in_features: int, out_features: int, residual: torch.Tensor,
-                           weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`qmatmul_add_rmsnorm` as one opaque operator for torch.compile."""
-    kw = KernelWeight(packed, scale, zero, bits, group_size, in_features, out_features)
-    return qmatmul_add_rmsnorm(x, kw, residual, weight, eps)
-
-
-@qmatmul_add_rmsnorm_op.register_fake
-def _qmatmul_add_rmsnorm_fake(x, packed, scale, zero, bits, group_size, in_features, out_features, residual,
-                              weight, eps):
-    return torch.empty_like(residual), torch.empty_like(residual)
 
 
 @torch.library.custom_op("quantlrm::qmatmul", mutates_args=())

@@ -155,45 +155,6 @@ def _store_rows(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, mm, M, N, n_split, MO
 
 
 @triton.jit
-def _store_add_norm(acc, y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, n_split, MODE: tl.constexpr,
-                    h_ptr, res_ptr, nw_ptr, eps, NB: tl.constexpr):
-    """A one-row GEMV's result [1, rows] as a transformer layer's residual add and RMSNorm
-    (transformers' order of roundings): h = res + y, then the last row tile of the grid to
-    finish (counted at cnt_ptr[tiles]) reads all of h back and writes
-    w * (h * rsqrt(mean(h^2) + eps)) to y. Saves the norm's launch and its gap. MODE 0 or 2 as
-    in `_store_rows` (the row tile's last split stores)."""
-    mine = True
-    if MODE == 2:
-        pid_n = tl.program_id(0)
-        part = ws_ptr + tl.program_id(1) * N + rows[None, :]
-        tl.store(part, acc, mask=mask_n[None, :])
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        mine = done == n_split - 1
-        if mine:
-            tot = tl.zeros_like(acc)
-            for k in range(n_split):  # .cg: read L2, never a stale L1 line of an earlier call
-                tot += tl.load(ws_ptr + k * N + rows[None, :], mask=mask_n[None, :], other=0.0, cache_modifier=".cg")
-            acc = tot
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-    if mine:
-        dt = h_ptr.dtype.element_ty
-        res = tl.load(res_ptr + rows[None, :], mask=mask_n[None, :], other=0.0)
-        tl.store(h_ptr + rows[None, :], acc.to(dt) + res, mask=mask_n[None, :])  # a 16-bit add, as in torch
-        tl.debug_barrier()  # the whole tile of h is written before the release below
-        tiles = tl.num_programs(0)
-        finished = tl.atomic_add(cnt_ptr + tiles, 1, sem="acq_rel")
-        if finished == tiles - 1:
-            k = tl.arange(0, NB)
-            km = k < N
-            h = tl.load(h_ptr + k, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-            r = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / N + eps)
-            w = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
-            tl.store(y_ptr + k, (w * (h * r).to(dt).to(tl.float32)).to(dt), mask=km)
-            tl.atomic_xchg(cnt_ptr + tiles, 0)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                  M, N, K, n_blocks, blocks_per_split, stride_s, stride_xp, code_mask,
                  BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
@@ -487,15 +448,13 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, GB: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
-                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
-                    h_ptr=None, res_ptr=None, nw_ptr=None, eps=0.0, NORM: tl.constexpr = 0):
+                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
     # one load's latency per block, not by bandwidth). Slot s of lane j of block u multiplies
     # the activation pair s*L + j of that block. FULL (host-checked): every step holds U whole
     # blocks of this split and L == L_PAD, so no load needs a mask.
-    # NORM > 0: y is a layer's RMSNorm of h = res + x @ W^T, h stored too (`_store_add_norm`).
     # RG 2: a program owns 2 * BLOCK_N rows, as two tiles of the even and the odd rows that
     # share every activation load: each thread holds a row pair. (The activations are 2 bytes
     # a code against the words' 3/8: their loads were most of the L1 traffic, and L1 was the
@@ -604,12 +563,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc = tl.reshape(tl.join(acc, tl.sum(tl.sum(acc3b, axis=2), axis=1)), [2 * BLOCK_N])
         rows = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
     mask_n = rows < N
-    if NORM > 0:  # NORM: a power of two >= N (the norm's tile)
-        _store_add_norm(acc[None, :], y_ptr, ws_ptr, cnt_ptr, rows, mask_n, N, tl.num_programs(1), MODE,
-                        h_ptr, res_ptr, nw_ptr, eps, NORM)
-    else:
-        _store_rows(acc[None, :], y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1),
-                    MODE, BLOCK_N * RG, ACT)
+    _store_rows(acc[None, :], y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1), MODE,
+                BLOCK_N * RG, ACT)
 
 
 @triton.jit
