@@ -7,7 +7,7 @@ for the attention, in three settings inside CUDA graphs over enough weight copie
 L2:
 - cold: spin, then the GEMV;
 - prefetched: a bulk L2 prefetch of the GEMV's packed words, scales and zero points
-  (`triton_kernels.l2_prefetch`), the spin, then the GEMV;
+  (`l2_prefetch` below, Hopper's `cp.async.bulk.prefetch.L2`), the spin, then the GEMV;
 - hot: the same copy again and again (all of it in L2): the floor.
 The GEMV's time is the graph's time less that of the same graph without the GEMVs.
 
@@ -23,20 +23,41 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import copy_bandwidth, graph_time  # noqa: E402
 from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
+# Hopper's bulk L2 prefetch: one instruction asks the copy engine to bring up to `size` bytes
+# (a multiple of 16) into L2 and returns at once; nothing waits on it, so a latency-bound kernel
+# can keep HBM busy for the next kernel's weights.
+_BULK_PREFETCH = tl.constexpr("{\n.reg .pred p;\nsetp.gt.s32 p, $2, 0;\n"
+                              "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}")
+
+
+@triton.jit
+def l2_prefetch(base, nbytes, chunks, CHUNK: tl.constexpr):
+    """Prefetch bytes [c*CHUNK, (c+1)*CHUNK) of `base` into L2 for every chunk index c in `chunks`
+    (clipped to nbytes, rounded down to 16 bytes; CHUNK a multiple of 16). A hint: no result."""
+    off = chunks.to(tl.int64) * CHUNK
+    size = (tl.minimum(tl.maximum(nbytes - off, 0), CHUNK) // 16 * 16).to(tl.int32)
+    ptr = base.to(tl.pointer_type(tl.int8)) + off
+    tl.inline_asm_elementwise(_BULK_PREFETCH, "=r,l,r", [ptr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _l2_prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    l2_prefetch(base, nbytes, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), CHUNK)
+
 
 def prefetch(kw, chunk: int = 16384) -> None:
     """Bulk-prefetch a weight's packed words, scales and zero points into L2 (one launch each)."""
-    from quantlrm.kernels import triton_kernels as tk
-
     for t in (kw.packed, kw.scale, kw.zero):
         n = t.numel() * t.element_size()
         block = 128
-        tk._l2_prefetch_kernel[(triton_cdiv(n, chunk * block),)](t, n, CHUNK=chunk, BLOCK=block, num_warps=4)
+        _l2_prefetch_kernel[(triton_cdiv(n, chunk * block),)](t, n, CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -619,24 +619,3 @@ def _bf2_pair_emulated(acc, src, mask, mult, nz, x):
         + _bf16_lo(acc >> 16)
     return _rn_bf16_nan(lo) | (_rn_bf16_nan(hi) << 16)
 
-
-# Hopper's bulk L2 prefetch: one instruction asks the copy engine to bring up to `size` bytes
-# (a multiple of 16) into L2 and returns at once; nothing waits on it, so a latency-bound kernel
-# can keep HBM busy for the next kernel's weights.
-_BULK_PREFETCH = tl.constexpr("{\n.reg .pred p;\nsetp.gt.s32 p, $2, 0;\n"
-                              "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}")
-
-
-@triton.jit
-def l2_prefetch(base, nbytes, chunks, CHUNK: tl.constexpr):
-    """Prefetch bytes [c*CHUNK, (c+1)*CHUNK) of `base` into L2 for every chunk index c in `chunks`
-    (clipped to nbytes, rounded down to 16 bytes; CHUNK a multiple of 16). A hint: no result."""
-    off = chunks.to(tl.int64) * CHUNK
-    size = (tl.minimum(tl.maximum(nbytes - off, 0), CHUNK) // 16 * 16).to(tl.int32)
-    ptr = base.to(tl.pointer_type(tl.int8)) + off
-    tl.inline_asm_elementwise(_BULK_PREFETCH, "=r,l,r", [ptr, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _l2_prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    l2_prefetch(base, nbytes, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), CHUNK)
