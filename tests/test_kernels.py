@@ -487,3 +487,16 @@ def test_fused_projections_match_separate_and_compile(tmp_path):
     assert _relerr(out, want) < 1e-5
     ops = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.quantlrm.qmatmul.default) == 2 * (1 + 1 + 1 + 1), ops  # qkv, o, gate_up, down
+
+
+def test_row_groups_other_than_one_or_two_are_refused():
+    """The half2 GEMV's row pairs (row_groups=2) are the only grouping the kernel has: any other
+    count would leave outputs unwritten, so run_config refuses it before launching."""
+    from quantlrm.kernels import Config, run_config
+    from quantlrm.kernels import layout as L
+    from quantlrm.quantizer import quantize
+
+    q = quantize(torch.randn(8, 128), 4, 128)
+    kw = L.from_codes(q.codes, q.scale, q.zero, 4, 128, torch.float16)
+    with pytest.raises(ValueError, match="row_groups"):
+        run_config(torch.randn(1, 128).half(), kw, Config("gemv", block_n=4, half2=True, row_groups=4))

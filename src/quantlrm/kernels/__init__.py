@@ -255,6 +255,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     m, k = x2.shape
     n = kw.out_features
     rg = cfg.row_groups if cfg.half2 else 1
+    if rg not in (1, 2):
+        raise ValueError(f"row_groups is 1 or 2 (a row pair per thread), not {cfg.row_groups}")
     rows = cfg.block_n * rg  # a GEMV program's rows
     if act and (n % 2 or (cfg.kind == "gemv" and rows % 2)):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
