@@ -75,9 +75,10 @@ class Decoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         # Our attention reads a boolean mask; given one ready-made (and the positions), the
         # compiled step does not rebuild the causal mask from the cache length, which inductor
-        # did once per layer (one launch each). Sliding layers need their own masks.
+        # did once per layer (one launch each). Sliding layers (left only when decoding eagerly
+        # past the window) need their own masks.
         self.mask = None
-        if getattr(cfg, "_attn_implementation", None) == "quantlrm" and not eager_only and not any(
+        if getattr(cfg, "_attn_implementation", None) == "quantlrm" and not any(
                 getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             self.mask = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -86,8 +87,8 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One token: reads `tok`, writes the next one there. The position comes from the cache's
-        own (tensor) length; `pos` is passed along for models whose forward reads it."""
+        """One token: reads `tok`, writes the next one there. The cache writes at its own (tensor)
+        length; `pos` goes along as the cache position (and, with our mask, as the position ids)."""
         if self.mask is not None:
             # this token's key joins the mask (clamped: capture's warm-up steps may run past the
             # cache's end, where the kernel writes nothing; prefill resets the mask after them)
