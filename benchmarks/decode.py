@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -327,6 +328,12 @@ def main() -> None:
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
     ap.add_argument("--no-decode", action="store_true",
                     help="GEMV and prefill microbenchmarks only (no end-to-end decode)")
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="time each quantized precision three ways in the same run: our kernels without "
+                         "programmatic dependent launch (QUANTLRM_PDL=0), with it (the default), and with "
+                         "inductor's kernels launched so too (QUANTLRM_INDUCTOR_PDL=1)")
+    ap.add_argument("--no-fp16-compile", action="store_true",
+                    help="with --compile, skip the compiled fp16 decode (the uncompiled one is the baseline)")
     ap.add_argument("--decode-only", action="store_true",
                     help="skip the GEMV and prefill microbenchmarks (end-to-end decode only)")
     args = ap.parse_args()
@@ -421,8 +428,18 @@ def main() -> None:
         if args.compile else [(p, False, "sdpa" if p == HALF else qattn) for p in precs]
     if args.fp16_qattn:
         runs.insert(2 if args.compile else 1, (HALF, args.compile, register()))
-    for prec, comp, attn in runs:
-        label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "")
+    if args.compile and args.no_fp16_compile:
+        runs = [r for r in runs if not (r[0] == HALF and r[1])]
+    pdl_modes = {"": {}}
+    if args.pdl_ab:
+        pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "": {}, "+ipdl": {"QUANTLRM_INDUCTOR_PDL": "1"}}
+    runs = [(p, c, a, tag, env) for p, c, a in runs
+            for tag, env in (pdl_modes.items() if p != HALF else [("", {})])]
+    for prec, comp, attn, tag, env in runs:
+        for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "") + tag
         model.config._attn_implementation = attn
         if attn != "sdpa" and not args.no_fused_attention:
             fuse_decode_attention(model)  # only takes effect while the attention is ours

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import warnings
 
 import torch
@@ -69,7 +70,8 @@ class Decoder:
         # (the greedy pick too, as `greedy`: two reductions of a few us, where eager's argmax
         # over the vocabulary took 35 us on an H100 and inductor's single one 28-30 us)
         self.compiled = compile and on_cuda  # as asked (a failed capture keeps it: no retry per call)
-        self.fwd = torch.compile(self._next, dynamic=False) if self.compiled and not eager_only else self._next
+        self.fwd = (torch.compile(self._next, dynamic=False, options=_inductor_options(self.device))
+                    if self.compiled and not eager_only else self._next)
         self.use_graph = graph and on_cuda and not eager_only
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -171,6 +173,19 @@ class Decoder:
             else:
                 toks[t] = self.step()[0]
         return toks[:done_at] if done_at is not None else toks
+
+
+def _inductor_options(device: torch.device) -> dict:
+    """Inductor's own kernels launched as programmatic dependent launches too (its
+    `triton.enable_pdl`), when QUANTLRM_INDUCTOR_PDL is 1 and our kernels use PDL."""
+    from quantlrm.kernels import pdl_enabled
+
+    on = os.environ.get("QUANTLRM_INDUCTOR_PDL", "").strip().lower() in ("1", "true", "on", "yes")
+    if not (on and pdl_enabled(device)):
+        return {}
+    import torch._inductor.config as inductor_config
+
+    return {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
 
 
 def greedy(logits: torch.Tensor, parts: int = 64) -> torch.Tensor:

@@ -10,6 +10,7 @@ CUDA graph is being captured never time anything: warm up before capturing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from quantlrm.kernels.layout import (
 )
 
 __all__ = ["KernelWeight", "Config", "qmatmul", "qmatmul_op", "candidates", "run_config", "triton_available", "tune", "bf16x2_enabled",
-           "dequantize", "reference_matmul", "gated"]
+           "dequantize", "reference_matmul", "gated", "pdl_enabled"]
 
 
 def triton_available() -> bool:
@@ -99,6 +100,23 @@ def bf16x2_enabled() -> bool:
     QUANTLRM_BF16X2 is 0, false, off or no. It made bf16 W4 decode 10-13% faster than the
     fp32-math GEMV on an H100 (BENCHMARKS.md, Kernels version 8)."""
     return os.environ.get("QUANTLRM_BF16X2", "").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the decode kernels (half2 GEMV, decode attention) launch as programmatic
+    dependent launches: each starts while the kernel before it finishes and fetches its weights
+    before it waits for that kernel's output. Hopper or later, compiled only, unless
+    QUANTLRM_PDL is 0, false, off or no."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("QUANTLRM_PDL", "").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
@@ -293,10 +311,11 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
                     EVEN_N=n % rows == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
+            pdl = dict(PDL=True, launch_pdl=True) if pdl_enabled(x2.device) else {}
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg, **meta)
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, **pdl, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

@@ -18,11 +18,13 @@ import os
 
 import torch
 
-from quantlrm.kernels import on_device, workspace
+from quantlrm.kernels import on_device, pdl_enabled, workspace
 
 try:
     import triton
     import triton.language as tl
+
+    from quantlrm.kernels.triton_kernels import _grid_dependency_sync
 except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None
 
@@ -74,7 +76,7 @@ if triton is not None:
                             nk_ptr, nv_ptr, snk_b, snv_b, cos_ptr, sin_ptr, sc_b, qn_ptr, kn_ptr, eps, pos_ptr,
                             REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
                             SPLIT: tl.constexpr, FUSED: tl.constexpr, QK_NORM: tl.constexpr,
-                            ADVANCE: tl.constexpr = False):
+                            ADVANCE: tl.constexpr = False, PDL: tl.constexpr = False):
         # program (b, KV head, split): the split's cache blocks with an online softmax; with
         # SPLIT > 1 each split leaves (max, sum, acc) in the workspace and the last split of a
         # head to arrive (atomic count) merges them in split order, as the split-K GEMV does.
@@ -84,6 +86,10 @@ if triton is not None:
         # cache is never read before it is written, and RoPE and the write need no launch.
         # ADVANCE: the last program of the grid to read the position (counted at cnt_ptr[heads])
         # moves it on by one as it finishes: no increment launch per layer.
+        # PDL: launched while the kernel before (the q/k/v projection) finishes; waits for it
+        # before reading anything.
+        if PDL:
+            _grid_dependency_sync()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -179,13 +185,16 @@ if triton is not None:
 
 
 TARGET_PROGRAMS = 128  # about one program per SM of an H100 (132)
+BLOCK_L = 64
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            scale: float, split: int | None = None, fused: dict | None = None) -> torch.Tensor:
+            scale: float, split: int | None = None, fused: dict | None = None,
+            block_l: int | None = None) -> torch.Tensor:
     """split: cache chunks per KV head run by separate programs, a power of two (default: enough
     programs to fill the GPU, at least one block of positions each). fused: see
-    `fused_decode_attention_op` (q is then [B, Hq, D] before RoPE)."""
+    `fused_decode_attention_op` (q is then [B, Hq, D] before RoPE). block_l: cache positions a
+    program reads per loop step (default `BLOCK_L`, half that past head size 128)."""
     bsz, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv, length = k.shape[1], k.shape[2]
     out = torch.empty(bsz, 1, hq, d, device=q.device, dtype=k.dtype)
@@ -194,7 +203,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         sm_b, sm_l = m.stride(0), m.stride(3)
     else:
         m, sm_b, sm_l = q, 0, 0  # never read
-    block_l = 64 if d <= 128 else 32
+    block_l = block_l or (BLOCK_L if d <= 128 else BLOCK_L // 2)
     n_blocks = triton.cdiv(length, block_l)
     if split is None:  # a power of two (few compiles), at most one program per block
         split = 1 << (max(1, min(n_blocks, TARGET_PROGRAMS // (bsz * hkv))).bit_length() - 1)
@@ -221,7 +230,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         f["nk"], f["nv"], f["snk_b"], f["snv_b"], f["cos"], f["sin"], f["sc_b"], f["qn"], f["kn"], f["eps"], f["pos"],
         REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=split,
         FUSED=fused is not None, QK_NORM=fused is not None and fused["q_norm"] is not None, ADVANCE=advance,
-        num_warps=4)
+        num_warps=4, **(dict(PDL=True, launch_pdl=True) if pdl_enabled(q.device) else {}))
     if fused is not None and not advance:  # no counter (first call inside a graph capture)
         fused["pos"].add_(1)
     return out

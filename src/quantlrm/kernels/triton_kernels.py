@@ -442,13 +442,32 @@ def _widen(h, BF16: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for these addresses without waiting for them (a load whose result no one uses
+    would be removed)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_dependency_sync():
+    """Under programmatic dependent launch (PDL): wait until the kernel before this one has
+    finished and its writes are visible, then let the kernel after this one launch. Everything
+    above the call may read only the weights (which no kernel writes); the kernel after ours
+    waits in the same way before it reads what we write. (Both are no-ops without PDL.)"""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     N, K, n_blocks, blocks_per_split, stride_s,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
                     T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, GB: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
-                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1):
+                    EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
+                    PDL: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -460,7 +479,9 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # a code against the words' 3/8: their loads were most of the L1 traffic, and L1 was the
     # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.)
     # PREFETCH: the next step's words, scales and zero points are loaded before this step is
-    # decoded. EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
+    # decoded. PDL (launched as a programmatic dependent launch): the program starts while the
+    # kernel before it finishes, loads (PREFETCH) or prefetches to L2 its first step's weights,
+    # and only then waits for that kernel's writes (the activations). EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
     # inline assembly).
     # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
     # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs. (Once
@@ -490,6 +511,13 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         if RG == 2:
             m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
+    elif PDL:  # the first step's words on their way to L2 while the kernel before finishes
+        for t in tl.static_range(T):  # (addresses out of range: the weights' base instead)
+            _prefetch_l2(tl.where(wmask & (b_begin + uu < b_end), pw0 + b_begin * W + t * L, p_ptr))
+            if RG == 2:
+                _prefetch_l2(tl.where(wmaskb & (b_begin + uu < b_end), pw0b + b_begin * W + t * L, p_ptr))
+    if PDL:  # nothing above reads what an earlier kernel writes
+        _grid_dependency_sync()
     for blk in range(b_begin, b_end, U):
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2 = n0, n1, n2
