@@ -56,17 +56,15 @@ def test_pack_matches_compressed_tensors(bits, cols):
 def test_block_layout_round_trips_and_matches_its_definition(bits, g, cols):
     """Channel r of block b is pair m = r // 2, half r % 2, slot s and lane j = divmod(m, L);
     slot s < T*H is pair p of word (t, j), (t, p) = divmod(s, H), at bit bits*p + 16*half; the
-    3-bit spare slot 15 has bit k at bit 15 + 16*half of word (k, j); word (t, j) of block b
-    sits at t*(n_blocks*L) + b*L + j of its row (module docstring). Checked one code at a
-    time, plus the vectorised unpacking."""
+    3-bit spare slot 15 has bit k at bit 15 + 16*half of word (k, j) (module docstring),
+    checked one code at a time, plus the vectorised unpacking."""
     codes = torch.randint(0, 2**bits, (3, cols), dtype=torch.uint8)
     packed = L.pack_blocks(codes, bits, g)
     B, P = L.block_size(g, cols), L.codes_per_word(bits)
     H, T = P // 2, (3 if bits == 3 else 1)
     lanes = -(-B // (32 if bits == 3 else P))
     W = T * lanes
-    nb = -(-cols // B)
-    assert packed.shape == (3, nb * W)
+    assert packed.shape == (3, -(-cols // B) * W)
     for row in range(3):
         words = [int(v) & 0xFFFFFFFF for v in packed[row]]
         for k in range(cols):
@@ -75,10 +73,10 @@ def test_block_layout_round_trips_and_matches_its_definition(bits, g, cols):
             s, j = divmod(r // 2, lanes)
             if s < T * H:
                 t, p = divmod(s, H)
-                code = (words[t * nb * lanes + b * lanes + j] >> (bits * p + 16 * half)) & (2**bits - 1)
+                code = (words[b * W + t * lanes + j] >> (bits * p + 16 * half)) & (2**bits - 1)
             else:
                 assert bits == 3 and s == 15
-                code = sum(((words[t * nb * lanes + b * lanes + j] >> (15 + 16 * half)) & 1) << t for t in range(3))
+                code = sum(((words[b * W + t * lanes + j] >> (15 + 16 * half)) & 1) << t for t in range(3))
             assert code == int(codes[row, k]), (row, k)
     assert torch.equal(L.unpack_blocks(packed, bits, g, cols), codes)
 

@@ -207,7 +207,7 @@ def dequant_triton(kw: KernelWeight, dtype: torch.dtype, block_n: int = 16) -> t
     w = torch.empty(n, k, dtype=dtype, device=kw.scale.device)
     pairs = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0) if k % 2 == 0 else 0
     grid = (tk.cdiv(n, block_n), kw.n_blocks)
-    tk._dequant_kernel[grid](kw.packed, kw.scale, kw.zero, w.view(torch.int32) if pairs else w, n, k, kw.n_blocks,
+    tk._dequant_kernel[grid](kw.packed, kw.scale, kw.zero, w.view(torch.int32) if pairs else w, n, k,
                              kw.packed.stride(0), kw.scale.stride(0), kw.group_size,
                              L_PAD=_pow2(kw.lanes), BLOCK_N=block_n, PAIRS=pairs, **_layout_args(kw))
     return w

@@ -15,13 +15,8 @@ short contiguous runs:
   so every block lies inside one group and needs one scale and one zero point;
 - a word holds P = 2H codes (P = 32 // bits, but 10 for 3 bits) as two 16-bit halves of H
   codes: pair p of a word is the codes at bits bits*p and bits*p + 16;
-- a block has L lanes of T words each (T = 3 for 3 bits, else 1), W = T*L words a block. A
-  row stores its words word row by word row across its blocks: word (t, j) of block b at
-  t*(n_blocks*L) + b*L + j. So word row t of consecutive blocks is contiguous, and a warp's
-  load of one word row of several blocks fills whole 32-byte sectors. (Block by block, the
-  three 16-byte word rows of a block sat 16 bytes apart, and each load used half of every
-  sector it touched: 42% of the GEMV's L2 sectors were excess, BENCHMARKS.md, Kernels,
-  version 10.) Lane j's code pairs are numbered by slot
+- a block has L lanes of T words each (T = 3 for 3 bits, else 1), stored word-row by word-row:
+  word (t, j) at t*L + j, W = T*L words a block. Lane j's code pairs are numbered by slot
   s = t*H + p, and 3 bits add one slot, s = 3H = 15, whose codes are spread over the three
   words' spare bits: bit k of its low code is bit 15 of word (k, j), of its high code bit 31.
   So a 3-bit lane is exactly 32 codes in 3 words, and a 3-bit block of 128 is 12 words (three
@@ -197,7 +192,7 @@ def _slots(codes: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tenso
 
 
 def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout (word rows apart)."""
+    """Codes uint8 [out, in] -> int32 [out, n_blocks * W] in the kernel layout."""
     c, (out, nb, n_lanes, _) = _slots(codes, bits, group_size)
     h, t = codes_per_word(bits) // 2, word_rows(bits)
     regular = c[:, :, : t * h].reshape(out, nb, t, h, n_lanes, 2)
@@ -208,7 +203,7 @@ def pack_blocks(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
         for k in range(t):
             words[:, :, k] += (((spare >> k) & 1) << torch.tensor([15, 31], device=codes.device)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).permute(0, 2, 1, 3).reshape(out, -1)  # word row by word row
+    return words.to(torch.int32).view(out, -1)
 
 
 def unpack_blocks(packed: torch.Tensor, bits: int, group_size: int, in_features: int) -> torch.Tensor:
@@ -216,8 +211,7 @@ def unpack_blocks(packed: torch.Tensor, bits: int, group_size: int, in_features:
     out = packed.shape[0]
     b, p, _, nb = geometry(bits, group_size, in_features)
     h, t, n_lanes = p // 2, word_rows(bits), lanes(bits, b)
-    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, t, nb, n_lanes).transpose(1, 2)
-    words = words.reshape(out, nb, t, 1, n_lanes, 1)
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(out, nb, t, 1, n_lanes, 1)
     sh = _shifts(bits, h, packed.device).view(1, 1, 1, h, 1, 2)
     slots = [((words >> sh) & ((1 << bits) - 1)).reshape(out, nb, t * h, n_lanes, 2)]
     if bits == 3:

@@ -52,9 +52,8 @@ def _gemv_tile(N, n_blocks, blocks_per_split, L: tl.constexpr, L_PAD: tl.constex
 
 
 @triton.jit
-def _load_words(pw, mask, TS, T: tl.constexpr, MASKED: tl.constexpr):
-    """A lane tile's T word rows (row t at pw + t*TS: a row's word rows are n_blocks * L words
-    apart, `layout.py`) as uint32; with T == 1 all three are row 0."""
+def _load_words(pw, mask, L: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr):
+    """A lane tile's T word rows (row t at pw + t*L) as uint32; with T == 1 all three are row 0."""
     if MASKED:
         w0 = tl.load(pw, mask=mask, other=0)
     else:
@@ -63,11 +62,11 @@ def _load_words(pw, mask, TS, T: tl.constexpr, MASKED: tl.constexpr):
     w2 = w0
     if T > 1:
         if MASKED:
-            w1 = tl.load(pw + TS, mask=mask, other=0)
-            w2 = tl.load(pw + 2 * TS, mask=mask, other=0)
+            w1 = tl.load(pw + L, mask=mask, other=0)
+            w2 = tl.load(pw + 2 * L, mask=mask, other=0)
         else:
-            w1 = tl.load(pw + TS)
-            w2 = tl.load(pw + 2 * TS)
+            w1 = tl.load(pw + L)
+            w2 = tl.load(pw + 2 * L)
     return w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True)
 
 
@@ -190,8 +189,7 @@ def _gemv_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = tl.zeros([MR, BLOCK_N], dtype=tl.float32)
     pw0 = p_ptr + r3 * (n_blocks * W) + j3
     for blk in range(b_begin, b_end):
-        w0, w1, w2 = _load_words(pw0 + blk * L, w3mask, n_blocks * L, T,
-                                 not (EVEN_N and L == L_PAD))  # [1, BLOCK_N, L_PAD]
+        w0, w1, w2 = _load_words(pw0 + blk * W, w3mask, L, T, not (EVEN_N and L == L_PAD))  # [1, BLOCK_N, L_PAD]
         grp = blk // GB if GB > 0 else 0
         s = tl.load(s_ptr + r3 * stride_s + grp, mask=r3 < N, other=0.0).to(tl.float32)  # [1, BLOCK_N, 1]
         z = tl.load(z_ptr + r3 * stride_s + grp, mask=r3 < N, other=0.0).to(tl.float32)
@@ -255,7 +253,6 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
         spare = (r >= NREG) & (q < 2 * L)
         ch = tl.where(spare, 2 * (T * H * L + q % L) + q // L, ch)
         live = reg | spare
-    wofs = (widx // L) * (n_blocks * L) + widx % L  # word (t, j) of block 0 (`layout.py`)
     b_begin = pid_k * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -265,12 +262,11 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
         mask_k = live & (ch < B) & (k < K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        words = tl.load(prow + blk * L + wofs[:, None], mask=reg[:, None] & mask_n[None, :], other=0)  # [B_PAD, BLOCK_N]
+        words = tl.load(prow + blk * W + widx[:, None], mask=reg[:, None] & mask_n[None, :], other=0)  # [B_PAD, BLOCK_N]
         cq = (words >> shift[:, None]) & MASK
         if S > T * H:
             for kk in tl.static_range(3):
-                wk = tl.load(prow + blk * L + (kk * n_blocks * L + q % L)[:, None], mask=spare[:, None] & mask_n[None, :],
-                             other=0)
+                wk = tl.load(prow + blk * W + (kk * L + q % L)[:, None], mask=spare[:, None] & mask_n[None, :], other=0)
                 cq |= (wk >> tl.where(spare, 15 + 16 * (q // L) - kk, 0)[:, None]) & (1 << kk)  # bit kk
         cq = cq | _MAGIC
         grp = (blk * B) // G
@@ -288,7 +284,7 @@ def _gemm_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr,
 
 
 @triton.jit
-def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, n_blocks, stride_p, stride_s, G,
+def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, G,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
                     T: tl.constexpr, S: tl.constexpr, L_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                     PAIRS: tl.constexpr):
@@ -300,8 +296,8 @@ def _dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, n_blocks, stride_p, stride
     blk = tl.program_id(1)
     jj = tl.arange(0, L_PAD)
     mask_n = rows < N
-    w0, w1, w2 = _load_words(p_ptr + rows[:, None] * stride_p + blk * L + jj[None, :],
-                             mask_n[:, None] & (jj < L)[None, :], n_blocks * L, T, True)
+    w0, w1, w2 = _load_words(p_ptr + rows[:, None] * stride_p + blk * W + jj[None, :],
+                             mask_n[:, None] & (jj < L)[None, :], L, T, True)
     grp = (blk * B) // G
     s = tl.load(s_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32)
     zc = tl.load(z_ptr + rows * stride_s + grp, mask=mask_n, other=0.0).to(tl.float32) + _TWO23
@@ -503,43 +499,42 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     zero3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.uint32)
     acc3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)  # reduced once, at the end
-    pw0 = p_ptr + r3 * (n_blocks * W) + uu * L + jj  # contiguous rows (see `_gemv_kernel`)
-    TS = n_blocks * L  # words between a block's word rows
+    pw0 = p_ptr + r3 * (n_blocks * W) + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
     wmask = (r3 < N) & (jj < L)
     if RG == 2:  # the odd rows
         acc3b = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
         pw0b = pw0 + n_blocks * W
         wmaskb = (r3 + 1 < N) & (jj < L)
     if PREFETCH:  # the first step's words, scales and zero points
-        n0, n1, n2 = _load_words(pw0 + b_begin * L, wmask & (b_begin + uu < b_end), TS, T, True)
+        n0, n1, n2 = _load_words(pw0 + b_begin * W, wmask & (b_begin + uu < b_end), L, T, True)
         n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, b_begin, b_end, N, U, GB)
         if RG == 2:
-            m0, m1, m2 = _load_words(pw0b + b_begin * L, wmaskb & (b_begin + uu < b_end), TS, T, True)
+            m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
     elif PDL:  # the first step's words on their way to L2 while the kernel before finishes
         for t in tl.static_range(T):  # (addresses out of range: the weights' base instead)
-            _prefetch_l2(tl.where(wmask & (b_begin + uu < b_end), pw0 + b_begin * L + t * TS, p_ptr))
+            _prefetch_l2(tl.where(wmask & (b_begin + uu < b_end), pw0 + b_begin * W + t * L, p_ptr))
             if RG == 2:
-                _prefetch_l2(tl.where(wmaskb & (b_begin + uu < b_end), pw0b + b_begin * L + t * TS, p_ptr))
+                _prefetch_l2(tl.where(wmaskb & (b_begin + uu < b_end), pw0b + b_begin * W + t * L, p_ptr))
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync()
     for blk in range(b_begin, b_end, U):
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2 = n0, n1, n2
             s, z = n_s, n_z
-            n0, n1, n2 = _load_words(pw0 + (blk + U) * L, wmask & (blk + U + uu < b_end), TS, T, True)
+            n0, n1, n2 = _load_words(pw0 + (blk + U) * W, wmask & (blk + U + uu < b_end), L, T, True)
             n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk + U, b_end, N, U, GB)
             if RG == 2:
                 v0, v1, v2 = m0, m1, m2
                 sb, zb = m_s, m_z
-                m0, m1, m2 = _load_words(pw0b + (blk + U) * L, wmaskb & (blk + U + uu < b_end), TS, T, True)
+                m0, m1, m2 = _load_words(pw0b + (blk + U) * W, wmaskb & (blk + U + uu < b_end), L, T, True)
                 m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk + U, b_end, N, U, GB)
         else:
-            w0, w1, w2 = _load_words(pw0 + blk * L, wmask & (blk + uu < b_end), TS, T,
+            w0, w1, w2 = _load_words(pw0 + blk * W, wmask & (blk + uu < b_end), L, T,
                                      not (FULL and EVEN_N and L == L_PAD))
             s, z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U, GB)
             if RG == 2:
-                v0, v1, v2 = _load_words(pw0b + blk * L, wmaskb & (blk + uu < b_end), TS, T,
+                v0, v1, v2 = _load_words(pw0b + blk * W, wmaskb & (blk + uu < b_end), L, T,
                                          not (FULL and EVEN_N and L == L_PAD))
                 sb, zb = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk, b_end, N, U, GB)
         s = s.to(tl.float32)[:, :, None]
