@@ -227,6 +227,25 @@ def kernel_profile(dec, ids: torch.Tensor, steps: int = 5) -> dict:
             "top": [{"name": k[:120], "launches": n / steps, "us": t / steps} for k, (n, t) in top]}
 
 
+def inductor_pdl_audit() -> dict:
+    """Inductor's generated kernels launched with PDL, and those among them with no
+    `gdc_wait` (which could let the kernel after them run before the one before them ends)."""
+    import re
+    from pathlib import Path
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    pdl, no_wait = 0, []
+    for f in Path(cache_dir()).rglob("*.py"):
+        text = f.read_text(errors="replace")
+        if "@triton.jit" not in text or "'launch_pdl': True" not in text:
+            continue
+        pdl += 1
+        if "gdc_wait" not in text:
+            no_wait += re.findall(r"def (triton_\w+)\(", text)[:1] or [f.name]
+    return {"pdl_kernels": pdl, "without_wait": sorted(set(no_wait))}
+
+
 def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_graph: bool,
                  compile_step: bool = False, profile_step: bool = False) -> dict:
     max_len = max(p.shape[1] for p in prompts_ids) + new_tokens + 8
@@ -329,9 +348,9 @@ def main() -> None:
     ap.add_argument("--no-decode", action="store_true",
                     help="GEMV and prefill microbenchmarks only (no end-to-end decode)")
     ap.add_argument("--pdl-ab", action="store_true",
-                    help="time each quantized precision three ways in the same run: our kernels without "
-                         "programmatic dependent launch (QUANTLRM_PDL=0), with it (the default), and with "
-                         "inductor's kernels launched so too (QUANTLRM_INDUCTOR_PDL=1)")
+                    help="time each quantized precision three ways in the same run: without programmatic "
+                         "dependent launch (QUANTLRM_PDL=0), with it for our kernels only "
+                         "(QUANTLRM_INDUCTOR_PDL=0), and for inductor's too (the default)")
     ap.add_argument("--no-fp16-compile", action="store_true",
                     help="with --compile, skip the compiled fp16 decode (the uncompiled one is the baseline)")
     ap.add_argument("--decode-only", action="store_true",
@@ -432,7 +451,7 @@ def main() -> None:
         runs = [r for r in runs if not (r[0] == HALF and r[1])]
     pdl_modes = {"": {}}
     if args.pdl_ab:
-        pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "": {}, "+ipdl": {"QUANTLRM_INDUCTOR_PDL": "1"}}
+        pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "+kpdl": {"QUANTLRM_INDUCTOR_PDL": "0"}, "": {}}
     runs = [(p, c, a, tag, env) for p, c, a in runs
             for tag, env in (pdl_modes.items() if p != HALF else [("", {})])]
     for prec, comp, attn, tag, env in runs:
@@ -472,6 +491,9 @@ def main() -> None:
                   f"{prof['kernel_us_per_token'] / 1e3:.2f} ms of kernel time; " +
                   "; ".join(f"{k} {v['launches']:.0f} x = {v['us'] / 1e3:.2f} ms" for k, v in prof["by_kind"].items()),
                   flush=True)
+    res["inductor_pdl"] = inductor_pdl_audit()
+    print(f"inductor kernels launched with PDL: {res['inductor_pdl']['pdl_kernels']}, without a wait: "
+          f"{res['inductor_pdl']['without_wait'] or 'none'}", flush=True)
     for label, r in res["decode"].items():
         if label.startswith(HALF):
             continue

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,6 +151,12 @@ def test_gpu_graph_decode_of_a_quantized_export(tmp_path):
         chosen = logits.gather(1, out[0, 9:, None])[:, 0]
         assert bool((logits.max(1).values - chosen <= 2e-2 * logits.abs().max()).all()), model_type
         assert float((logits.argmax(1) == out[0, 9:]).float().mean()) >= 0.9, model_type
+    # with PDL (Hopper), every inductor kernel launched early waits for the kernel before it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from decode import inductor_pdl_audit
+
+    audit = inductor_pdl_audit()
+    assert audit["without_wait"] == [], audit
 
 
 def test_greedy_pick_is_torch_argmax():

@@ -176,12 +176,16 @@ class Decoder:
 
 
 def _inductor_options(device: torch.device) -> dict:
-    """Inductor's own kernels launched as programmatic dependent launches too (its
-    `triton.enable_pdl`), when QUANTLRM_INDUCTOR_PDL is 1 and our kernels use PDL."""
+    """Inductor's own kernels (norms, residuals, RoPE tables, the greedy pick) launched as
+    programmatic dependent launches too (its `triton.enable_pdl`) when ours are
+    (`quantlrm.kernels.pdl_enabled`), unless QUANTLRM_INDUCTOR_PDL is 0, false, off or no.
+    Each of its kernels waits for the kernel before it ahead of the first read that kernel
+    wrote and ahead of letting the next one launch, and ours wait before reading anything but
+    weights, so every read still follows its write."""
     from quantlrm.kernels import pdl_enabled
 
-    on = os.environ.get("QUANTLRM_INDUCTOR_PDL", "").strip().lower() in ("1", "true", "on", "yes")
-    if not (on and pdl_enabled(device)):
+    off = os.environ.get("QUANTLRM_INDUCTOR_PDL", "").strip().lower() in ("0", "false", "off", "no")
+    if off or not pdl_enabled(device):
         return {}
     import torch._inductor.config as inductor_config
 

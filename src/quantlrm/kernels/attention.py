@@ -131,11 +131,13 @@ if triton is not None:
             ok = pos < hi
             if FUSED:
                 ok = ok & (pos <= cur)
-            if HAS_MASK:
+            elif HAS_MASK:  # (the mask is what rules out a static cache's unused tail here)
                 ok = ok & (tl.load(m_ptr + b * sm_b + pos * sm_l, mask=ok, other=0) != 0)
             if tl.max(ok.to(tl.int32), axis=0) > 0:  # a static cache's unused tail is never read
                 kt = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=ok[:, None], other=0.0)
                 vt = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=ok[:, None], other=0.0)
+                if FUSED and HAS_MASK:  # loaded alongside the keys and values, not before them
+                    ok = ok & (tl.load(m_ptr + b * sm_b + pos * sm_l, mask=ok, other=0) != 0)
                 if FUSED:  # the new token from registers, not from a cache line maybe not yet written
                     kt = tl.where((pos == cur)[:, None], k_new, kt)
                     vt = tl.where((pos == cur)[:, None], v_new, vt)
