@@ -347,10 +347,10 @@ def main() -> None:
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
     ap.add_argument("--no-decode", action="store_true",
                     help="GEMV and prefill microbenchmarks only (no end-to-end decode)")
-    ap.add_argument("--pdl-ab", action="store_true",
-                    help="time each quantized precision three ways in the same run: without programmatic "
-                         "dependent launch (QUANTLRM_PDL=0), with it for our kernels only "
-                         "(QUANTLRM_INDUCTOR_PDL=0), and for inductor's too (the default)")
+    ap.add_argument("--pdl-ab", nargs="?", const="2", choices=("2", "3"),
+                    help="time each quantized precision without programmatic dependent launch "
+                         "(QUANTLRM_PDL=0) and with it (the default) in the same run; '3': also with it for "
+                         "our kernels only (QUANTLRM_INDUCTOR_PDL=0)")
     ap.add_argument("--no-fp16-compile", action="store_true",
                     help="with --compile, skip the compiled fp16 decode (the uncompiled one is the baseline)")
     ap.add_argument("--decode-only", action="store_true",
@@ -451,7 +451,9 @@ def main() -> None:
         runs = [r for r in runs if not (r[0] == HALF and r[1])]
     pdl_modes = {"": {}}
     if args.pdl_ab:
-        pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "+kpdl": {"QUANTLRM_INDUCTOR_PDL": "0"}, "": {}}
+        pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "": {}}
+        if args.pdl_ab == "3":
+            pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "+kpdl": {"QUANTLRM_INDUCTOR_PDL": "0"}, "": {}}
     runs = [(p, c, a, tag, env) for p, c, a in runs
             for tag, env in (pdl_modes.items() if p != HALF else [("", {})])]
     for prec, comp, attn, tag, env in runs:

@@ -442,14 +442,6 @@ def _widen(h, BF16: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for these addresses without waiting for them (a load whose result no one uses
-    would be removed)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _grid_dependency_sync():
     """Under programmatic dependent launch (PDL): wait until the kernel before this one has
     finished and its writes are visible, then let the kernel after this one launch. Everything
@@ -480,8 +472,11 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.)
     # PREFETCH: the next step's words, scales and zero points are loaded before this step is
     # decoded. PDL (launched as a programmatic dependent launch): the program starts while the
-    # kernel before it finishes, loads (PREFETCH) or prefetches to L2 its first step's weights,
-    # and only then waits for that kernel's writes (the activations). EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
+    # kernel before it finishes and waits for that kernel's writes (the activations) only after
+    # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
+    # step there changed ptxas's allocation of the W4 gate/up tile, 126 registers to 96 and 11
+    # more instructions a step, and W4 decoded 5% slower with PDL: BENCHMARKS.md, Kernels,
+    # version 11.) EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
     # inline assembly).
     # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
     # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs. (Once
@@ -511,11 +506,6 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         if RG == 2:
             m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
-    elif PDL:  # the first step's words on their way to L2 while the kernel before finishes
-        for t in tl.static_range(T):  # (addresses out of range: the weights' base instead)
-            _prefetch_l2(tl.where(wmask & (b_begin + uu < b_end), pw0 + b_begin * W + t * L, p_ptr))
-            if RG == 2:
-                _prefetch_l2(tl.where(wmaskb & (b_begin + uu < b_end), pw0b + b_begin * W + t * L, p_ptr))
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync()
     for blk in range(b_begin, b_end, U):
