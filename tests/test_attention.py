@@ -37,9 +37,11 @@ def _inputs(b, hq, hkv, length, d, valid, dtype, device="cpu"):
     return q, k, v, mask
 
 
-def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu"):
+def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu", hole=3):
     """The fused op (per-head norm, RoPE, cache write, attention) on random inputs, and the same
-    steps in torch: (kernel output, reference, cache after the kernel, cache after torch)."""
+    steps in torch: (kernel output, reference, cache after the kernel, cache after torch). With
+    b > 1, row 1 masks its first `hole` positions (left padding; past a block of 64 positions,
+    whole blocks that the position alone would let through)."""
     from quantlrm.kernels import attention as K
 
     g = torch.Generator().manual_seed(cur + d)
@@ -55,7 +57,7 @@ def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu"):
     mask = torch.ones(b, 1, 1, length, dtype=torch.bool, device=device)
     mask[..., cur + 1:] = False
     if b > 1:
-        mask[1, ..., :3] = False
+        mask[1, ..., :hole] = False
     kc2, vc2 = kc.clone(), vc.clone()
     fused = dict(new_k=nk, new_v=nv, cos=cos, sin=sin, q_norm=qn, k_norm=kn, eps=1e-6,
                  pos=torch.tensor(cur, device=device))
@@ -90,9 +92,12 @@ _INTERP = textwrap.dedent("""
         assert (K.reference(q, k, v, None, d ** -0.5) - K.reference(q, k, v, mask, d ** -0.5)).abs().max() > 1e-2
 
     # the fused op (per-head norm, RoPE, cache write, attention) against the same steps in torch
-    for b, hq, hkv, length, d, cur, norm, split in [(1, 8, 2, 100, 64, 40, False, None), (2, 4, 4, 70, 32, 69, True, 2),
-                                                    (1, 12, 3, 130, 128, 0, True, 1), (1, 16, 1, 64, 16, 63, False, 4)]:
-        got, ref, (kc, vc), (kc2, vc2) = _fused_case(b, hq, hkv, length, d, cur, norm, split, torch.float16)
+    for b, hq, hkv, length, d, cur, norm, split, hole in [
+            (1, 8, 2, 100, 64, 40, False, None, 3), (2, 4, 4, 70, 32, 69, True, 2, 3),
+            (1, 12, 3, 130, 128, 0, True, 1, 3), (1, 16, 1, 64, 16, 63, False, 4, 3),
+            (2, 4, 2, 200, 32, 150, False, 1, 130), (2, 4, 2, 200, 32, 150, False, 2, 70)]:
+        got, ref, (kc, vc), (kc2, vc2) = _fused_case(b, hq, hkv, length, d, cur, norm, split, torch.float16,
+                                                     hole=hole)
         assert float((got - ref).abs().max()) < 2e-3, ("fused", b, hq, hkv, d, cur, norm)
         assert torch.equal(kc, kc2) and torch.equal(vc, vc2), ("cache write", b, hq, hkv, d, cur)
 
@@ -285,10 +290,12 @@ def test_gpu_fused_decode_attention(dtype):
     the splits run concurrently here, so the new token must come from registers, not the cache."""
 
     tol = 2e-3 if dtype == torch.float16 else 2e-2
-    for b, hq, hkv, length, d, cur, norm in [(1, 32, 8, 1000, 128, 700, False), (2, 16, 8, 300, 128, 299, True),
-                                             (1, 8, 2, 100, 64, 0, True)]:
+    for b, hq, hkv, length, d, cur, norm, hole in [(1, 32, 8, 1000, 128, 700, False, 3),
+                                                   (2, 16, 8, 300, 128, 299, True, 3),
+                                                   (2, 16, 8, 300, 128, 299, True, 130), (1, 8, 2, 100, 64, 0, True, 3)]:
         for split in (None, 1, 8):
-            got, ref, (kc, vc), (kc2, vc2) = _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, "cuda")
+            got, ref, (kc, vc), (kc2, vc2) = _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, "cuda",
+                                                         hole=hole)
             assert float((got - ref).abs().max()) < tol, (b, hq, hkv, d, cur, norm, split)
             # the written key may differ from torch's rounding by an ulp (fused multiply-adds)
             rtol = 2e-3 if dtype == torch.float16 else 1.6e-2

@@ -144,8 +144,11 @@ if triton is not None:
                 s = tl.dot(q, tl.trans(kt)) * (scale * 1.4426950408889634)  # [16, BLOCK_L] fp32, base 2
                 s = tl.where(ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
+                # the mask read with the keys may rule out the whole block (left padding): with
+                # nothing seen yet, m_new is -inf, and -inf - -inf would be NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_ref[:, None])
+                alpha = tl.exp2(m_i - m_ref)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
                 m_i = m_new
