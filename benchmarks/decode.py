@@ -227,23 +227,27 @@ def kernel_profile(dec, ids: torch.Tensor, steps: int = 5) -> dict:
             "top": [{"name": k[:120], "launches": n / steps, "us": t / steps} for k, (n, t) in top]}
 
 
-def inductor_pdl_audit() -> dict:
-    """Inductor's generated kernels launched with PDL, and those among them with no
-    `gdc_wait` (which could let the kernel after them run before the one before them ends)."""
+def inductor_pdl_audit(root: str | None = None) -> dict:
+    """Inductor's generated kernels (under `root`, default its cache directory) launched with
+    PDL, and those among them with no `gdc_wait`, which could let the kernel after them run
+    before the one before them ends. Kernels are told apart by their decorators, so a file
+    holding several (inductor's output code) counts each once."""
     import re
     from pathlib import Path
 
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    pdl, no_wait = 0, []
-    for f in Path(cache_dir()).rglob("*.py"):
+    pdl, no_wait = set(), set()
+    for f in Path(root or cache_dir()).rglob("*.py"):
         text = f.read_text(errors="replace")
-        if "@triton.jit" not in text or "'launch_pdl': True" not in text:
-            continue
-        pdl += 1
-        if "gdc_wait" not in text:
-            no_wait += re.findall(r"def (triton_\w+)\(", text)[:1] or [f.name]
-    return {"pdl_kernels": pdl, "without_wait": sorted(set(no_wait))}
+        for chunk in text.split("@triton_heuristics.")[1:]:  # a kernel: its metadata, then its body
+            name = re.search(r"def (triton_\w+)\(", chunk)
+            if name is None or "'launch_pdl': True" not in chunk:
+                continue
+            pdl.add(name.group(1))
+            if "gdc_wait" not in chunk:
+                no_wait.add(name.group(1))
+    return {"pdl_kernels": len(pdl), "without_wait": sorted(no_wait)}
 
 
 def decode_bench(model, prompts_ids: list[torch.Tensor], new_tokens: int, use_graph: bool,
@@ -457,9 +461,10 @@ def main() -> None:
     runs = [(p, c, a, tag, env) for p, c, a in runs
             for tag, env in (pdl_modes.items() if p != HALF else [("", {})])]
     for prec, comp, attn, tag, env in runs:
-        for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
-            os.environ.pop(name, None)
-        os.environ.update(env)
+        if args.pdl_ab:  # (otherwise the caller's QUANTLRM_PDL / QUANTLRM_INDUCTOR_PDL stand)
+            for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
+                os.environ.pop(name, None)
+            os.environ.update(env)
         label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "") + tag
         model.config._attn_implementation = attn
         if attn != "sdpa" and not args.no_fused_attention:

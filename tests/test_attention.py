@@ -37,11 +37,12 @@ def _inputs(b, hq, hkv, length, d, valid, dtype, device="cpu"):
     return q, k, v, mask
 
 
-def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu", hole=3):
+def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu", hole=3, poison=False):
     """The fused op (per-head norm, RoPE, cache write, attention) on random inputs, and the same
     steps in torch: (kernel output, reference, cache after the kernel, cache after torch). With
     b > 1, row 1 masks its first `hole` positions (left padding; past a block of 64 positions,
-    whole blocks that the position alone would let through)."""
+    whole blocks that the position alone would let through); `poison` puts inf in the kernel's
+    cached values there (the reference keeps finite ones: a masked value weighs nothing)."""
     from quantlrm.kernels import attention as K
 
     g = torch.Generator().manual_seed(cur + d)
@@ -59,6 +60,8 @@ def _fused_case(b, hq, hkv, length, d, cur, norm, split, dtype, device="cpu", ho
     if b > 1:
         mask[1, ..., :hole] = False
     kc2, vc2 = kc.clone(), vc.clone()
+    if poison:
+        vc[1, :, :hole] = float("inf")
     fused = dict(new_k=nk, new_v=nv, cos=cos, sin=sin, q_norm=qn, k_norm=kn, eps=1e-6,
                  pos=torch.tensor(cur, device=device))
     got = K._launch(q, kc, vc, mask, d ** -0.5, split, fused=fused).float()
@@ -100,6 +103,9 @@ _INTERP = textwrap.dedent("""
                                                      hole=hole)
         assert float((got - ref).abs().max()) < 2e-3, ("fused", b, hq, hkv, d, cur, norm)
         assert torch.equal(kc, kc2) and torch.equal(vc, vc2), ("cache write", b, hq, hkv, d, cur)
+    for split in (1, 2):  # inf in masked values: 0 * inf would be NaN, in a split and through the merge
+        got, ref, _, _ = _fused_case(2, 4, 2, 200, 32, 150, False, split, torch.float16, hole=130, poison=True)
+        assert bool(torch.isfinite(got).all()) and float((got - ref).abs().max()) < 2e-3, ("poison", split)
 
     # a transformers model decoding through a static cache: quantlrm attention == SDPA
     from transformers import AutoModelForCausalLM, StaticCache

@@ -55,3 +55,20 @@ def test_plain_set_linears_keeps_the_old_fused_mlp():
     assert _bits_in_use(model) == {3, 4}
     with pytest.raises(RuntimeError, match="still holds"):
         D.install(model, {}, quant[3], 3)  # without restoring the MLPs the check catches it
+
+
+def test_inductor_pdl_audit_tells_kernels_apart(tmp_path):
+    """The audit reads inductor's kernel files (the decorator and metadata as inductor writes
+    them, `triton_meta` by repr): one file may hold several kernels, each judged on its own."""
+    def kernel(name: str, pdl: bool, wait: bool) -> str:
+        body = "    tl.extra.cuda.gdc_wait()\n" if wait else ""
+        return (f"@triton_heuristics.pointwise(\n    size_hints={{'x': 64}},\n    filename=__file__,\n"
+                f"    triton_meta={{'signature': {{}}, 'launch_pdl': {pdl}, 'disable_ftz': False}},\n)\n"
+                f"@triton.jit\ndef {name}(in_ptr0, xnumel, XBLOCK : tl.constexpr):\n{body}"
+                "    x = tl.load(in_ptr0)\n\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "c1.py").write_text("import triton\n" + kernel("triton_poi_ok_0", True, True)
+                                          + kernel("triton_poi_nowait_1", True, False))
+    (tmp_path / "c2.py").write_text(kernel("triton_red_off_2", False, False) + kernel("triton_poi_ok_0", True, True))
+    audit = D.inductor_pdl_audit(str(tmp_path))
+    assert audit == {"pdl_kernels": 2, "without_wait": ["triton_poi_nowait_1"]}, audit

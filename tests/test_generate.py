@@ -133,13 +133,14 @@ def test_gpu_sliding_window_models_match_transformers(cfg):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled step, CUDA graph)")
-def test_gpu_graph_decode_of_a_quantized_export(tmp_path):
+def test_gpu_graph_decode_of_a_quantized_export(tmp_path, monkeypatch):
     """load_quantized + quantlrm.generate (compiled, CUDA graph, fused attention): every token is
     the model's own greedy choice, up to near-ties, checked by one teacher-forced forward."""
     from test_kernels import _export_tiny
 
     from quantlrm.nn import load_quantized
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # this test's kernels only
     for model_type in ("llama", "qwen3"):
         _export_tiny(tmp_path / model_type, 4, 32, model_type=model_type)
         qm = load_quantized(tmp_path / model_type)
@@ -153,10 +154,15 @@ def test_gpu_graph_decode_of_a_quantized_export(tmp_path):
         assert float((logits.argmax(1) == out[0, 9:]).float().mean()) >= 0.9, model_type
     # with PDL (Hopper), every inductor kernel launched early waits for the kernel before it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import torch._inductor.config as inductor_config
     from decode import inductor_pdl_audit
 
-    audit = inductor_pdl_audit()
+    from quantlrm.kernels import pdl_enabled
+
+    audit = inductor_pdl_audit(str(tmp_path / "inductor"))
     assert audit["without_wait"] == [], audit
+    if pdl_enabled(torch.device("cuda")) and hasattr(inductor_config.triton, "enable_pdl"):
+        assert audit["pdl_kernels"] > 0, audit  # the audit saw the step's kernels
 
 
 def test_greedy_pick_is_torch_argmax():

@@ -179,17 +179,20 @@ def _inductor_options(device: torch.device) -> dict:
     """Inductor's own kernels (norms, residuals, RoPE tables, the greedy pick) launched as
     programmatic dependent launches too (its `triton.enable_pdl`) when ours are
     (`quantlrm.kernels.pdl_enabled`), unless QUANTLRM_INDUCTOR_PDL is 0, false, off or no.
-    Each of its kernels waits for the kernel before it ahead of the first read that kernel
-    wrote and ahead of letting the next one launch, and ours wait before reading anything but
-    weights, so every read still follows its write."""
-    from quantlrm.kernels import pdl_enabled
-
-    off = os.environ.get("QUANTLRM_INDUCTOR_PDL", "").strip().lower() in ("0", "false", "off", "no")
-    if off or not pdl_enabled(device):
-        return {}
+    Inductor (torch 2.11-2.13) puts a kernel's wait before its first read of what the kernel
+    before it wrote, and before the kernel lets the next one launch, unless the kernel loads
+    nothing; ours wait before reading anything but weights. So a read can only run ahead of an
+    earlier kernel's write through an inductor kernel that loads nothing, which would then have
+    no wait at all: `benchmarks/decode.py` and the GPU tests check that the decode step has none
+    (`inductor_pdl_audit`). Off here is off in inductor too, whatever TORCHINDUCTOR_ENABLE_PDL says."""
     import torch._inductor.config as inductor_config
 
-    return {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
+    from quantlrm.kernels import pdl_enabled
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return {}
+    off = os.environ.get("QUANTLRM_INDUCTOR_PDL", "").strip().lower() in ("0", "false", "off", "no")
+    return {"triton.enable_pdl": not off and pdl_enabled(device)}
 
 
 def greedy(logits: torch.Tensor, parts: int = 64) -> torch.Tensor:

@@ -109,10 +109,12 @@ def _hopper_or_later(index: int) -> bool:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether the decode kernels (half2 GEMV, decode attention) launch as programmatic
-    dependent launches: each starts while the kernel before it finishes and fetches its weights
-    before it waits for that kernel's output. Hopper or later, compiled only, unless
-    QUANTLRM_PDL is 0, false, off or no."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    dependent launches: each starts while the kernel before it finishes (a prefetching GEMV
+    walk loads its first weights meanwhile) and waits for that kernel's output before reading
+    anything else. Hopper or later, compiled only, unless QUANTLRM_PDL is 0, false, off or no.
+    W3 +2.3% and W4 +6.1% tokens/s on an H100 with inductor's kernels launched so too
+    (BENCHMARKS.md, Kernels, version 11, run 5)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
         return False
     if os.environ.get("QUANTLRM_PDL", "").strip().lower() in ("0", "false", "off", "no"):
         return False

@@ -86,8 +86,8 @@ if triton is not None:
         # cache is never read before it is written, and RoPE and the write need no launch.
         # ADVANCE: the last program of the grid to read the position (counted at cnt_ptr[heads])
         # moves it on by one as it finishes: no increment launch per layer.
-        # PDL: launched while the kernel before (the q/k/v projection) finishes; waits for it
-        # before reading anything.
+        # PDL: launched while the kernel before (the q/k/v projection, or the cache write when
+        # not FUSED) finishes; waits for it before reading anything.
         if PDL:
             _grid_dependency_sync()
         b = tl.program_id(0)
@@ -138,6 +138,7 @@ if triton is not None:
                 vt = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=ok[:, None], other=0.0)
                 if FUSED and HAS_MASK:  # loaded alongside the keys and values, not before them
                     ok = ok & (tl.load(m_ptr + b * sm_b + pos * sm_l, mask=ok, other=0) != 0)
+                    vt = tl.where(ok[:, None], vt, 0.0)  # a masked value may be inf or NaN: 0 * it is NaN
                 if FUSED:  # the new token from registers, not from a cache line maybe not yet written
                     kt = tl.where((pos == cur)[:, None], k_new, kt)
                     vt = tl.where((pos == cur)[:, None], v_new, vt)

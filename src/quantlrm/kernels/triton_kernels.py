@@ -475,7 +475,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # kernel before it finishes and waits for that kernel's writes (the activations) only after
     # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
     # step there changed ptxas's allocation of the W4 gate/up tile, 126 registers to 96 and 11
-    # more instructions a step, and W4 decoded 5% slower with PDL: BENCHMARKS.md, Kernels,
+    # more instructions a step, and W4 decoded 4.8% slower with PDL: BENCHMARKS.md, Kernels,
     # version 11.) EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
     # inline assembly).
     # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
