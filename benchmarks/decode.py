@@ -355,6 +355,8 @@ def main() -> None:
                     help="time each quantized precision without programmatic dependent launch "
                          "(QUANTLRM_PDL=0) and with it (the default) in the same run; '3': also with it for "
                          "our kernels only (QUANTLRM_INDUCTOR_PDL=0)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
                     help="with --compile, skip the compiled fp16 decode (the uncompiled one is the baseline)")
     ap.add_argument("--decode-only", action="store_true",
@@ -458,9 +460,17 @@ def main() -> None:
         pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "": {}}
         if args.pdl_ab == "3":
             pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "+kpdl": {"QUANTLRM_INDUCTOR_PDL": "0"}, "": {}}
-    runs = [(p, c, a, tag, env) for p, c, a in runs
-            for tag, env in (pdl_modes.items() if p != HALF else [("", {})])]
-    for prec, comp, attn, tag, env in runs:
+    # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
+    # (they vary between processes), so one call shows the spread a single run hides
+    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, rep > 1 and i == 0)
+            for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
+            for i, (tag, env) in enumerate(pdl_modes.items() if p != HALF else [("", {})])]
+    for prec, comp, attn, tag, env, retune in runs:
+        if retune:
+            from quantlrm.kernels import _TUNED
+
+            for key in [k for k in _TUNED if k[3] == int(prec[1])]:
+                del _TUNED[key]
         if args.pdl_ab:  # (otherwise the caller's QUANTLRM_PDL / QUANTLRM_INDUCTOR_PDL stand)
             for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
                 os.environ.pop(name, None)
@@ -508,6 +518,15 @@ def main() -> None:
             ratio = r["tok_per_s"] / res["decode"][base]["tok_per_s"]
             r[f"speedup_vs_{base}"] = ratio
             print(f"{label} speed-up over {base}: {ratio:.2f}x", flush=True)
+    if args.repeats > 1:  # the spread over repeats, per precision and PDL mode
+        groups: dict[str, list[float]] = {}
+        for label, r in res["decode"].items():
+            if not label.startswith(HALF):
+                groups.setdefault(label.split("#")[0], []).append(r["tok_per_s"])
+        res["repeat_spread"] = {g: dict(tok_per_s=v, median=statistics.median(v)) for g, v in groups.items()}
+        for g, v in groups.items():
+            print(f"{g} over {len(v)} repeats: {min(v):.1f} / {statistics.median(v):.1f} / {max(v):.1f} tok/s "
+                  "(min / median / max)", flush=True)
     dump()
     print(f"wrote {args.out} ({res['wall_s']:.0f}s)")
 
