@@ -68,7 +68,10 @@ class Config:
     gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
-    `_gemv_h2_kernel`); gemm:
+    `_gemv_h2_kernel`; row_groups 2: a row pair per thread; pipeline 2-4: the block loop
+    software-pipelined that many steps deep, its weight loads copied asynchronously into shared
+    memory (cp.async), so loads in flight cost no registers; not yet among the tuner's tiles,
+    as it has not been timed or tested on a GPU: `benchmarks/gemv_sweep.py --pipeline`); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
 
@@ -81,6 +84,7 @@ class Config:
     prefetch: bool = False
     blocks_per_step: int = 1
     row_groups: int = 1
+    pipeline: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -277,6 +281,9 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     rg = cfg.row_groups if cfg.half2 else 1
     if rg not in (1, 2):
         raise ValueError(f"row_groups is 1 or 2 (a row pair per thread), not {cfg.row_groups}")
+    if cfg.pipeline and (cfg.pipeline not in (2, 3, 4) or not cfg.half2):
+        raise ValueError(f"pipeline is 0 (none) or 2-4 steps deep, for the half2 GEMV; got {cfg.pipeline} "
+                         f"with half2={cfg.half2}")
     rows = cfg.block_n * rg  # a GEMV program's rows
     if act and (n % 2 or (cfg.kind == "gemv" and rows % 2)):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
@@ -317,7 +324,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg, **pdl, **meta)
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, STAGES=cfg.pipeline or None,
+                                     **pdl, **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,
