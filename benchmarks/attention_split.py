@@ -10,31 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from quantlrm.kernels import attention as ka
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import graph_time  # noqa: E402
+
+from quantlrm.kernels import attention as ka  # noqa: E402
 
 
-def time_calls(fn, calls: int = 32, reps: int = 20) -> float:
+def time_calls(fn, calls: int = 32) -> float:
     """Median microseconds per call, `calls` calls captured in one graph."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(ts)
+    return graph_time(lambda: [fn() for _ in range(calls)]) * 1e6 / calls
 
 
 def sweep(cur: int, rows: list[dict], default_only: bool = False) -> None:

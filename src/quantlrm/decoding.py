@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 import warnings
 
 import torch
@@ -187,12 +186,11 @@ def _inductor_options(device: torch.device) -> dict:
     (`inductor_pdl_audit`). Off here is off in inductor too, whatever TORCHINDUCTOR_ENABLE_PDL says."""
     import torch._inductor.config as inductor_config
 
-    from quantlrm.kernels import pdl_enabled
+    from quantlrm.kernels import env_off, pdl_enabled
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
         return {}
-    off = os.environ.get("QUANTLRM_INDUCTOR_PDL", "").strip().lower() in ("0", "false", "off", "no")
-    return {"triton.enable_pdl": not off and pdl_enabled(device)}
+    return {"triton.enable_pdl": not env_off("QUANTLRM_INDUCTOR_PDL") and pdl_enabled(device)}
 
 
 def greedy(logits: torch.Tensor, parts: int = 64) -> torch.Tensor:

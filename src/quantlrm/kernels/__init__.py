@@ -99,11 +99,16 @@ GEMV_CONFIGS = (
 )
 
 
+def env_off(name: str) -> bool:
+    """Whether the switch `name` is turned off: 0, false, off or no (any case); unset is on."""
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "off", "no")
+
+
 def bf16x2_enabled() -> bool:
     """Whether bf16 activations may take the half2 GEMV's bf16x2 form: yes unless
     QUANTLRM_BF16X2 is 0, false, off or no. It made bf16 W4 decode 10-13% faster than the
     fp32-math GEMV on an H100 (BENCHMARKS.md, Kernels version 8)."""
-    return os.environ.get("QUANTLRM_BF16X2", "").strip().lower() not in ("0", "false", "off", "no")
+    return not env_off("QUANTLRM_BF16X2")
 
 
 @functools.cache
@@ -120,9 +125,15 @@ def pdl_enabled(device: torch.device) -> bool:
     (BENCHMARKS.md, Kernels, version 11, run 5)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
         return False
-    if os.environ.get("QUANTLRM_PDL", "").strip().lower() in ("0", "false", "off", "no"):
+    if env_off("QUANTLRM_PDL"):
         return False
     return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """A decode kernel's launch arguments for PDL (its `PDL` constexpr and Triton's
+    `launch_pdl`), or none where `pdl_enabled` says no."""
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else {}
 
 
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
@@ -320,12 +331,11 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
                     EVEN_N=n % rows == 0, EVEN_K=k % kw.block == 0,
                     MODE=0 if split == 1 else (1 if atomic else 2), ACT=fused_act, **common)
         if cfg.half2:
-            pdl = dict(PDL=True, launch_pdl=True) if pdl_enabled(x2.device) else {}
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
                                      BF16=x2.dtype == torch.bfloat16, RG=rg, STAGES=cfg.pipeline or None,
-                                     **pdl, **meta)
+                                     **pdl_launch(x2.device), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from quantlrm.kernels import on_device, pdl_enabled, workspace
+from quantlrm.kernels import on_device, pdl_launch, workspace
 
 try:
     import triton
@@ -236,7 +236,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         f["nk"], f["nv"], f["snk_b"], f["snv_b"], f["cos"], f["sin"], f["sc_b"], f["qn"], f["kn"], f["eps"], f["pos"],
         REP=hq // hkv, D=d, BLOCK_L=block_l, HAS_MASK=mask is not None, SPLIT=split,
         FUSED=fused is not None, QK_NORM=fused is not None and fused["q_norm"] is not None, ADVANCE=advance,
-        num_warps=4, **(dict(PDL=True, launch_pdl=True) if pdl_enabled(q.device) else {}))
+        num_warps=4, **pdl_launch(q.device))
     if fused is not None and not advance:  # no counter (first call inside a graph capture)
         fused["pos"].add_(1)
     return out

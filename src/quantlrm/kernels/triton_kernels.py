@@ -473,7 +473,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # PREFETCH: the next step's words, scales and zero points are loaded before this step is
     # decoded. STAGES (None: no pipelining): Triton's software pipeline of the block loop that
     # deep, its loads copied asynchronously into shared memory (cp.async), so the loads in flight
-    # hold no registers (CPU SASS: 11-58 KB of shared memory a program at 2-4 stages). PDL (launched as a programmatic dependent launch): the program starts while the
+    # hold no registers (CPU SASS: 11-58 KB of shared memory a program at 2-4 stages).
+    # PDL (launched as a programmatic dependent launch): the program starts while the
     # kernel before it finishes and waits for that kernel's writes (the activations) only after
     # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
     # step there changed ptxas's allocation of the W4 gate/up tile, 126 registers to 96 and 11
