@@ -71,17 +71,14 @@ def half2_grid(lanes: int):
                          row_groups=rg)
 
 
-def pipelined(kw, depths: list[int]):
-    """The tuner's half2 tiles, each as it is and software-pipelined `depths` steps deep (the
-    prefetching walk's register prefetch dropped: the pipeline replaces it)."""
+def pipelined(first: dict, depths: list[int], top: int):
+    """The `top` fastest half2 tiles of the tuner's first pass on this shape, each as it is and
+    software-pipelined `depths` steps deep (the prefetching walk's register prefetch dropped:
+    the pipeline replaces it)."""
     from dataclasses import replace
 
-    from quantlrm.kernels import candidates
-
     seen = []
-    for c in candidates(kw, 1):
-        if not c.half2:
-            continue
+    for c in sorted((c for c in first if c.half2 and first[c] < float("inf")), key=first.__getitem__)[:top]:
         for d in [0, *depths]:
             v = replace(c, pipeline=d, prefetch=c.prefetch and d == 0)
             if v not in seen:
@@ -90,25 +87,26 @@ def pipelined(kw, depths: list[int]):
 
 
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
-    """Every half2 tile on the fused shapes (or, with --pipeline, the tuner's tiles with and
+    """Every half2 tile on the fused shapes (or, with --pipeline, the tuner's fastest tiles with and
     without the software pipeline), against the tuner's own choice from its candidates."""
     from quantlrm.kernels import run_config, tune
 
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     for bi, bits in enumerate(args.bits):
         stop = t0 + args.budget * (bi + 1) / len(args.bits)
-        for short, (n, k) in FUSED_SHAPES.items():
+        for short in args.shapes:
+            n, k = FUSED_SHAPES[short]
             kws = random_layout(n, k, bits, args.group_size, args.copies)
             for kw in kws:
                 kw.scale, kw.zero = kw.scale.to(dt), kw.zero.to(dt)
             x = torch.randn(1, k, device="cuda", dtype=dt)
             nbytes = kws[0].nbytes() + 2 * (n + k)
-            chosen, _, _ = tune(x, kws[0])
+            chosen, first, _ = tune(x, kws[0])
             t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
             depths = [int(d) for d in args.pipeline.split(",")] if args.pipeline else []
-            for c in (pipelined(kws[0], depths) if depths else half2_grid(kws[0].lanes)):
+            for c in (pipelined(first, depths, args.top) if depths else half2_grid(kws[0].lanes)):
                 if args.row_groups and c.row_groups != args.row_groups:
                     continue
                 if time.time() > stop:
@@ -138,8 +136,11 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--row-groups", type=int, default=0, help="--half2: only tiles of this many row groups (0: all)")
     ap.add_argument("--pipeline", default="",
-                    help="--half2: instead of the whole grid, the tuner's tiles plain and software-pipelined "
-                         "this many steps deep, e.g. '2,3'")
+                    help="--half2: instead of the whole grid, the tuner's --top fastest tiles plain and "
+                         "software-pipelined this many steps deep, e.g. '2,3'")
+    ap.add_argument("--top", type=int, default=6, help="--pipeline: how many of the tuner's fastest tiles")
+    ap.add_argument("--shapes", nargs="+", default=list(FUSED_SHAPES), choices=list(FUSED_SHAPES),
+                    help="--half2: the fused shapes to sweep")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")
