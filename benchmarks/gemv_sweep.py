@@ -7,7 +7,6 @@ are random words in the kernel layout: speed does not depend on their values.
 
     PYTHONPATH=src python3 benchmarks/gemv_sweep.py --out sweep.json
     PYTHONPATH=src python3 benchmarks/gemv_sweep.py --half2 --bits 3 --out sweep_h2.json   # the half2 tiles
-    PYTHONPATH=src python3 benchmarks/gemv_sweep.py --half2 --bits 3 --pipeline 2,3 --out pipe.json  # cp.async
 """
 
 from __future__ import annotations
@@ -71,24 +70,8 @@ def half2_grid(lanes: int):
                          row_groups=rg)
 
 
-def pipelined(first: dict, depths: list[int], top: int):
-    """The `top` fastest half2 tiles of the tuner's first pass on this shape, each as it is and
-    software-pipelined `depths` steps deep (the prefetching walk's register prefetch dropped:
-    the pipeline replaces it)."""
-    from dataclasses import replace
-
-    seen = []
-    for c in sorted((c for c in first if c.half2 and first[c] < float("inf")), key=first.__getitem__)[:top]:
-        for d in [0, *depths]:
-            v = replace(c, pipeline=d, prefetch=c.prefetch and d == 0)
-            if v not in seen:
-                seen.append(v)
-                yield v
-
-
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
-    """Every half2 tile on the fused shapes (or, with --pipeline, the tuner's fastest tiles with and
-    without the software pipeline), against the tuner's own choice from its candidates."""
+    """Every half2 tile on the fused shapes, against the tuner's own choice from its candidates."""
     from quantlrm.kernels import run_config, tune
 
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -101,12 +84,11 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
                 kw.scale, kw.zero = kw.scale.to(dt), kw.zero.to(dt)
             x = torch.randn(1, k, device="cuda", dtype=dt)
             nbytes = kws[0].nbytes() + 2 * (n + k)
-            chosen, first, _ = tune(x, kws[0])
+            chosen, _, _ = tune(x, kws[0])
             t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
-            depths = [int(d) for d in args.pipeline.split(",")] if args.pipeline else []
-            for c in (pipelined(first, depths, args.top) if depths else half2_grid(kws[0].lanes)):
+            for c in half2_grid(kws[0].lanes):
                 if args.row_groups and c.row_groups != args.row_groups:
                     continue
                 if time.time() > stop:
@@ -135,10 +117,6 @@ def main() -> None:
     ap.add_argument("--out", default="sweep.json")
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--row-groups", type=int, default=0, help="--half2: only tiles of this many row groups (0: all)")
-    ap.add_argument("--pipeline", default="",
-                    help="--half2: instead of the whole grid, the tuner's --top fastest tiles plain and "
-                         "software-pipelined this many steps deep, e.g. '2,3'")
-    ap.add_argument("--top", type=int, default=6, help="--pipeline: how many of the tuner's fastest tiles")
     ap.add_argument("--shapes", nargs="+", default=list(FUSED_SHAPES), choices=list(FUSED_SHAPES),
                     help="--half2: the fused shapes to sweep")
     ap.add_argument("--group-size", type=int, default=128)

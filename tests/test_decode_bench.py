@@ -72,3 +72,13 @@ def test_inductor_pdl_audit_tells_kernels_apart(tmp_path):
     (tmp_path / "c2.py").write_text(kernel("triton_red_off_2", False, False) + kernel("triton_poi_ok_0", True, True))
     audit = D.inductor_pdl_audit(str(tmp_path))
     assert audit == {"pdl_kernels": 2, "without_wait": ["triton_poi_nowait_1"]}, audit
+
+
+def test_describe_names_every_field_of_a_tile():
+    """Each timing is recorded with its tile's description; every field that tells tiles apart is in it."""
+    from quantlrm.kernels import GEMV_H2_CONFIGS, Config
+
+    tiles = [*GEMV_H2_CONFIGS, Config("gemm", block_m=32, block_n=64, split_k=2), Config("gemv", x32=True)]
+    text = [D.describe(c) for c in tiles]
+    assert len(set(text)) == len(tiles)
+    assert "m32 n64" in text[-2] and "sk2" in text[-2] and "x32=True" in text[-1]

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 
 import pytest
 import torch
@@ -114,7 +113,6 @@ def test_from_compressed_tensors_library_packing(bits, g):
 def test_half2_gemv_is_offered_for_fp16_and_bf16_unless_turned_off(monkeypatch):
     """bf16 models get the bf16x2 GEMV by default (measured faster, BENCHMARKS.md version 8);
     QUANTLRM_BF16X2=0 takes it out of the tuner's candidates; 8-bit codes never get it."""
-    from quantlrm.kernels import half2_ok
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("QUANTLRM_BF16X2", raising=False)
@@ -231,10 +229,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
                               Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True),
                               Config("gemv", block_n=4, half2=True, row_groups=2),
                               Config("gemv", block_n=4, split_k=3, half2=True, blocks_per_step=2, prefetch=True,
-                                     row_groups=2),
-                              # software-pipelined (the interpreter runs the loop as written)
-                              Config("gemv", block_n=4, split_k=2, half2=True, blocks_per_step=2, row_groups=2,
-                                     pipeline=3)]
+                                     row_groups=2)]
             else:
                 cands = [cands[0], cands[1], cands[-1]]
             for c in cands:
@@ -332,9 +327,6 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
             gated = m == 1 and n % 2 == 0 and g == 128  # the gated-MLP epilogue: rows as (gate, up) pairs
             gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2] if gated else None
             cands = candidates(kw, m, dtype)
-            if m == 1 and half2_ok(kw, dtype):  # the software-pipelined walks (not yet tuner tiles)
-                cands += [replace(c, pipeline=d, prefetch=False) for c in cands[:2] + cands[-2:] if c.half2
-                          for d in (2, 4)]
             for c in cands:
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
@@ -508,7 +500,3 @@ def test_row_groups_other_than_one_or_two_are_refused():
     kw = L.from_codes(q.codes, q.scale, q.zero, 4, 128, torch.float16)
     with pytest.raises(ValueError, match="row_groups"):
         run_config(torch.randn(1, 128).half(), kw, Config("gemv", block_n=4, half2=True, row_groups=4))
-    # the software pipeline: 2-4 steps deep, and only in the half2 GEMV
-    for bad in (Config("gemv", block_n=4, half2=True, pipeline=5), Config("gemv", block_n=4, pipeline=2)):
-        with pytest.raises(ValueError, match="pipeline"):
-            run_config(torch.randn(1, 128).half(), kw, bad)

@@ -9,6 +9,7 @@ CUDA graph is being captured never time anything: warm up before capturing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -68,10 +69,7 @@ class Config:
     gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
-    `_gemv_h2_kernel`; row_groups 2: a row pair per thread; pipeline 2-4: the block loop
-    software-pipelined that many steps deep, its weight loads copied asynchronously into shared
-    memory (cp.async), so loads in flight cost no registers; not yet among the tuner's tiles,
-    as it has not been timed or tested on a GPU: `benchmarks/gemv_sweep.py --pipeline`); gemm:
+    `_gemv_h2_kernel`; row_groups 2: a row pair per thread); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
 
@@ -84,7 +82,6 @@ class Config:
     prefetch: bool = False
     blocks_per_step: int = 1
     row_groups: int = 1
-    pipeline: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -239,17 +236,22 @@ def on_device(t: torch.Tensor):
 
 
 def _outside_graph_pool(device: torch.device, make):
-    """`make()` on a side stream. cudagraph trees (torch.compile mode="reduce-overhead", which
-    transformers uses for a static-cache `generate`) send the current stream's allocations
-    during warm-up to a private pool whose memory later graphs reuse; a side stream's stay out."""
+    """`make()` in a helper thread. cudagraph trees (torch.compile mode="reduce-overhead", which
+    transformers uses for a static-cache `generate`) send every allocation of the thread that
+    warms a graph up to a private pool whose memory later graphs reuse, and refuse to run when
+    a tensor of that pool outlives the warm-up untracked; another thread's allocations stay out.
+    (A side stream of the same thread did not: torch routes the pool by thread, not by stream.)"""
     if device.type != "cuda":
         return make()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        out = make()
-    torch.cuda.current_stream(device).wait_stream(side)
-    return out
+
+    def work():
+        with torch.cuda.device(device):
+            out = make()
+            torch.cuda.current_stream(device).synchronize()  # initialised before the caller's stream uses it
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(work).result()
 
 
 # Workspaces of the in-kernel split reductions (split-K GEMV, split decode attention), one per
@@ -292,9 +294,6 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     rg = cfg.row_groups if cfg.half2 else 1
     if rg not in (1, 2):
         raise ValueError(f"row_groups is 1 or 2 (a row pair per thread), not {cfg.row_groups}")
-    if cfg.pipeline and (cfg.pipeline not in (2, 3, 4) or not cfg.half2):
-        raise ValueError(f"pipeline is 0 (none) or 2-4 steps deep, for the half2 GEMV; got {cfg.pipeline} "
-                         f"with half2={cfg.half2}")
     rows = cfg.block_n * rg  # a GEMV program's rows
     if act and (n % 2 or (cfg.kind == "gemv" and rows % 2)):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
@@ -334,7 +333,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg, STAGES=cfg.pipeline or None,
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg,
                                      **pdl_launch(x2.device), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]

@@ -459,7 +459,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
                     EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
-                    PDL: tl.constexpr = False, STAGES: tl.constexpr = None):
+                    PDL: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -471,9 +471,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # a code against the words' 3/8: their loads were most of the L1 traffic, and L1 was the
     # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.)
     # PREFETCH: the next step's words, scales and zero points are loaded before this step is
-    # decoded. STAGES (None: no pipelining): Triton's software pipeline of the block loop that
-    # deep, its loads copied asynchronously into shared memory (cp.async), so the loads in flight
-    # hold no registers (CPU SASS: 11-58 KB of shared memory a program at 2-4 stages).
+    # decoded. (Triton's software pipeline of this loop, its loads copied into shared memory
+    # with cp.async, made every tile 3-30x slower on an H100: BENCHMARKS.md, Kernels, version 11.)
     # PDL (launched as a programmatic dependent launch): the program starts while the
     # kernel before it finishes and waits for that kernel's writes (the activations) only after
     # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
@@ -511,7 +510,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync()
-    for blk in tl.range(b_begin, b_end, U, num_stages=STAGES):
+    for blk in range(b_begin, b_end, U):
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2 = n0, n1, n2
             s, z = n_s, n_z
