@@ -240,7 +240,8 @@ def _outside_graph_pool(device: torch.device, make):
     transformers uses for a static-cache `generate`) send every allocation of the thread that
     warms a graph up to a private pool whose memory later graphs reuse, and refuse to run when
     a tensor of that pool outlives the warm-up untracked; another thread's allocations stay out.
-    (A side stream of the same thread did not: torch routes the pool by thread, not by stream.)"""
+    (A side stream of the same thread did not: since pytorch/pytorch#152472 the pool is chosen
+    by thread, not by stream.)"""
     if device.type != "cuda":
         return make()
 

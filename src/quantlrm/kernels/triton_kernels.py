@@ -472,7 +472,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.)
     # PREFETCH: the next step's words, scales and zero points are loaded before this step is
     # decoded. (Triton's software pipeline of this loop, its loads copied into shared memory
-    # with cp.async, made every tile 3-30x slower on an H100: BENCHMARKS.md, Kernels, version 11.)
+    # with cp.async, made every tile 2-32x slower on an H100: BENCHMARKS.md, Kernels, after version 11.)
     # PDL (launched as a programmatic dependent launch): the program starts while the
     # kernel before it finishes and waits for that kernel's writes (the activations) only after
     # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
