@@ -247,8 +247,10 @@ def _outside_graph_pool(device: torch.device, make):
 
     def work():
         with torch.cuda.device(device):
-            out = make()
-            torch.cuda.current_stream(device).synchronize()  # initialised before the caller's stream uses it
+            side = torch.cuda.Stream(device)  # not the legacy default stream, which syncs with every other
+            with torch.cuda.stream(side):
+                out = make()
+            side.synchronize()  # initialised before the caller's stream uses it
         return out
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
