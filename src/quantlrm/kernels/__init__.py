@@ -244,17 +244,27 @@ def _outside_graph_pool(device: torch.device, make):
     by thread, not by stream.)"""
     if device.type != "cuda":
         return make()
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the caller's
 
     def work():
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device)  # not the legacy default stream, which syncs with every other
+        with torch.cuda.device(index):
+            side = _side_stream(index)
             with torch.cuda.stream(side):
                 out = make()
-            side.synchronize()  # initialised before the caller's stream uses it
-        return out
+            done = side.record_event()
+        return out, done
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(work).result()
+        out, done = pool.submit(work).result()
+    torch.cuda.current_stream(index).wait_event(done)  # initialised before the caller's stream uses it
+    return out
+
+
+@functools.cache
+def _side_stream(index: int) -> torch.cuda.Stream:
+    """One stream per device for the workspaces (a cached block is reused only on its own
+    stream, so a stream per workspace would strand most of a segment each time)."""
+    return torch.cuda.Stream(index)
 
 
 # Workspaces of the in-kernel split reductions (split-K GEMV, split decode attention), one per
