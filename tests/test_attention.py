@@ -311,6 +311,26 @@ def test_gpu_fused_decode_attention(dtype):
 
 @pytest.mark.gpu
 @_no_gpu
+def test_gpu_workspace_made_during_cudagraph_trees_warmup():
+    """A split needs a workspace, made on first use. When that use is cudagraph trees' warm-up
+    (torch.compile mode="reduce-overhead", as transformers' static-cache generate), the
+    workspace must stay out of the trees' private pool: a live tensor there that no graph
+    tracks stops the run ("tensor(s) in the cudagraph pool not tracked as outputs", seen before
+    the workspace was made in a helper thread)."""
+    from quantlrm.kernels import attention as K
+
+    torch._dynamo.reset()
+    # a shape no other test uses, so its workspace is new here: 4 splits of 3 x 3 heads
+    q, k, v, mask = _inputs(3, 9, 3, 256, 64, (256, 100, 7), torch.float16, "cuda")
+    step = torch.compile(lambda q, k, v, m: K.decode_attention_op(q, k, v, m, 0.125), mode="reduce-overhead")
+    ref = K.reference(q, k, v, mask, 0.125).float()
+    for _ in range(4):  # warm-up, recording, replays
+        got = step(q, k, v, mask).float()
+        assert float((got - ref).abs().max()) < 2e-3
+
+
+@pytest.mark.gpu
+@_no_gpu
 def test_gpu_compiled_decode_with_fused_attention():
     """A compiled static-cache decode (the custom op mutates the cache under torch.compile)
     gives SDPA's logits, for Llama and Qwen3."""
