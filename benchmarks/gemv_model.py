@@ -24,32 +24,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 import gemv_sass  # noqa: E402
 
-from quantlrm.kernels import triton_kernels as tk  # noqa: E402
-
 SWEEPS = [HERE / "results/kernels_v11/run5_sweep.json", HERE / "results/kernels_v11/run6_sweep_rg2.json"]
 SHAPES = {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336), "qkv_proj": (6144, 4096), "o_proj": (4096, 4096)}
 SMS, CLOCK = 132, 1.755e9
-
-
-def compile_tile(bn: int, warps: int, u: int, prefetch: bool, rg: int, mode: int):
-    dt = "*fp16"
-    sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": dt, "z_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32",
-           "cnt_ptr": "*i32", "N": "i32", "K": "i32", "n_blocks": "i32", "blocks_per_split": "i32", "stride_s": "i32"}
-    const = dict(GB=1, BLOCK_N=bn, EVEN_N=True, EVEN_K=True, MODE=mode, PREFETCH=prefetch, U=u, FULL=True,
-                 ACT=False, EMULATE=False, BF16=False, RG=rg, PDL=False, **gemv_sass.layout_consts(3))
-    sig.update({k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12) if i not in (9, 10)}
-    src = ASTSource(fn=tk._gemv_h2_kernel, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 def word_layout(ttgir: str, bn: int, u: int, lanes: int) -> list[list[int]]:
@@ -100,7 +82,7 @@ def tile_features(r: dict, cache: dict) -> dict | None:
     split = math.ceil(nb / per)
     key = (bn, w, u, pf, rg, split > 1)
     if key not in cache:
-        kern = compile_tile(bn, w, u, pf, rg, 2 if split > 1 else 0)
+        kern = gemv_sass.compile_h2_kernel(3, False, bn, w, u, pf, rg, mode=2 if split > 1 else 0)
         cache[key] = (word_layout(kern.asm["ttgir"], bn, u, 4), len(gemv_sass.loop_body(kern.asm["cubin"], "model")))
     lay, loop = cache[key]
     shape, row = [bn, u, 4], nb * 48  # W3: 48-byte blocks of 4 lanes x 3 words

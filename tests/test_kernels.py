@@ -326,8 +326,7 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
             ref = _ref(x, q, dtype)
             gated = m == 1 and n % 2 == 0 and g == 128  # the gated-MLP epilogue: rows as (gate, up) pairs
             gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2] if gated else None
-            cands = candidates(kw, m, dtype)
-            for c in cands:
+            for c in candidates(kw, m, dtype):
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
                 assert _relerr(y, ref) < tol, (n, k, m, c, _relerr(y, ref))
@@ -492,9 +491,7 @@ def test_fused_projections_match_separate_and_compile(tmp_path):
 def test_row_groups_other_than_one_or_two_are_refused():
     """The half2 GEMV's row pairs (row_groups=2) are the only grouping the kernel has: any other
     count would leave outputs unwritten, so run_config refuses it before launching."""
-    from quantlrm.kernels import Config, run_config
-    from quantlrm.kernels import layout as L
-    from quantlrm.quantizer import quantize
+    from quantlrm.kernels import Config
 
     q = quantize(torch.randn(8, 128), 4, 128)
     kw = L.from_codes(q.codes, q.scale, q.zero, 4, 128, torch.float16)

@@ -108,6 +108,11 @@ def bf16x2_enabled() -> bool:
     return not env_off("QUANTLRM_BF16X2")
 
 
+def _device_index(device: torch.device) -> int:
+    """A CUDA device's index ("cuda" alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
@@ -124,7 +129,7 @@ def pdl_enabled(device: torch.device) -> bool:
         return False
     if env_off("QUANTLRM_PDL"):
         return False
-    return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
+    return _hopper_or_later(_device_index(device))
 
 
 def pdl_launch(device: torch.device) -> dict:
@@ -244,7 +249,7 @@ def _outside_graph_pool(device: torch.device, make):
     by thread, not by stream.)"""
     if device.type != "cuda":
         return make()
-    index = device.index if device.index is not None else torch.cuda.current_device()  # the caller's
+    index = _device_index(device)  # the caller's current device, not the helper thread's
 
     def work():
         with torch.cuda.device(index):
