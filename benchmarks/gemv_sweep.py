@@ -70,6 +70,23 @@ def half2_grid(lanes: int):
                          row_groups=rg)
 
 
+def x_once_grid(lanes: int, n_blocks: int):
+    """Tiles for the activations loaded once per thread (`Config.x_once`): few rows, many blocks a
+    step, so that Triton's layout puts several rows of a (block, lane) in one thread; 4-32 lane
+    tiles a thread (16 with prefetch). Splits that give the same blocks per program as a smaller
+    one are skipped."""
+    from quantlrm.kernels import Config
+
+    seen = set()
+    for bn, w, sk, u, pf in itertools.product((2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), (8, 16, 32), (False, True)):
+        per = math.ceil(math.ceil(n_blocks / sk) / u) * u
+        if not 4 <= bn * u * lanes / (32 * w) <= (16 if pf else 32) or (bn, w, per, u, pf) in seen:
+            continue
+        seen.add((bn, w, per, u, pf))
+        yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True,
+                     x_once=True)
+
+
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
     """Every half2 tile on the fused shapes, against the tuner's own choice from its candidates."""
     from quantlrm.kernels import run_config, tune
@@ -77,8 +94,9 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     for bi, bits in enumerate(args.bits):
         stop = t0 + args.budget * (bi + 1) / len(args.bits)
-        for short in args.shapes:
+        for si, short in enumerate(args.shapes):
             n, k = FUSED_SHAPES[short]
+            shape_stop = time.time() + max(0.0, stop - time.time()) / (len(args.shapes) - si)  # a fair share
             kws = random_layout(n, k, bits, args.group_size, args.copies)
             for kw in kws:
                 kw.scale, kw.zero = kw.scale.to(dt), kw.zero.to(dt)
@@ -88,10 +106,11 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
-            for c in half2_grid(kws[0].lanes):
+            tiles = x_once_grid(kws[0].lanes, kws[0].n_blocks) if args.x_once else half2_grid(kws[0].lanes)
+            for c in tiles:
                 if args.row_groups and c.row_groups != args.row_groups:
                     continue
-                if time.time() > stop:
+                if time.time() > shape_stop:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
                     break
                 try:
@@ -119,6 +138,8 @@ def main() -> None:
     ap.add_argument("--row-groups", type=int, default=0, help="--half2: only tiles of this many row groups (0: all)")
     ap.add_argument("--shapes", nargs="+", default=list(FUSED_SHAPES), choices=list(FUSED_SHAPES),
                     help="--half2: the fused shapes to sweep")
+    ap.add_argument("--x-once", action="store_true",
+                    help="--half2: only the tiles that load the activations once for a thread's rows")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")

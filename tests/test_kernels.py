@@ -229,7 +229,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
                               Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True),
                               Config("gemv", block_n=4, half2=True, row_groups=2),
                               Config("gemv", block_n=4, split_k=3, half2=True, blocks_per_step=2, prefetch=True,
-                                     row_groups=2)]
+                                     row_groups=2),
+                              # activations loaded once for a thread's rows: one split and split-K
+                              Config("gemv", block_n=4, half2=True, blocks_per_step=4, x_once=True),
+                              Config("gemv", block_n=2, split_k=3, half2=True, blocks_per_step=2, prefetch=True,
+                                     x_once=True)]
             else:
                 cands = [cands[0], cands[1], cands[-1]]
             for c in cands:
@@ -266,7 +270,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
         for c in (Config("gemv", block_n=4), Config("gemv", block_n=8, split_k=2), Config("gemm", block_m=16, block_n=16),
                   Config("gemv", block_n=8, split_k=2, half2=True, blocks_per_step=2),
                   Config("gemv", block_n=4, half2=True, row_groups=2),
-                  Config("gemv", block_n=2, split_k=2, half2=True, blocks_per_step=2, row_groups=2)):
+                  Config("gemv", block_n=2, split_k=2, half2=True, blocks_per_step=2, row_groups=2),
+                  Config("gemv", block_n=4, half2=True, blocks_per_step=4, x_once=True)):
             got = run_config(x, kw, c, act=True).float()
             assert got.shape == (1, n // 2), (c, got.shape)
             err = float((got - ref).norm() / ref.norm())
@@ -281,7 +286,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
         ref = x.float() @ L.dequantize(kw, torch.float32).t()
         for c in (Config("gemv", block_n=4, half2=True),
                   Config("gemv", block_n=8, split_k=3, half2=True, blocks_per_step=2, prefetch=True),
-                  Config("gemv", block_n=4, split_k=2, half2=True, blocks_per_step=2, row_groups=2)):
+                  Config("gemv", block_n=4, split_k=2, half2=True, blocks_per_step=2, row_groups=2),
+                  Config("gemv", block_n=4, split_k=2, half2=True, blocks_per_step=4, x_once=True)):
             y = run_config(x, kw, c)
             err = float((y.float() - ref).norm() / ref.norm())
             assert y.dtype == torch.bfloat16 and err < 8e-3, (bits, n, k, g, c, err)

@@ -69,7 +69,8 @@ class Config:
     gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
-    `_gemv_h2_kernel`; row_groups 2: a row pair per thread); gemm:
+    `_gemv_h2_kernel`; row_groups 2: a row pair per thread; x_once: the activations loaded once
+    for all of a thread's rows, for tiles that put several rows in a thread); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
 
@@ -82,6 +83,7 @@ class Config:
     prefetch: bool = False
     blocks_per_step: int = 1
     row_groups: int = 1
+    x_once: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -167,6 +169,12 @@ GEMV_H2_CONFIGS = tuple(
     Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, row_groups=2)
     for bn, w, sk, u, pf in ((8, 2, 1, 4, False), (16, 4, 1, 4, False), (16, 4, 1, 2, False), (8, 2, 8, 4, True),
                              (8, 4, 4, 4, False), (16, 4, 8, 2, False), (8, 2, 4, 2, False), (8, 4, 4, 4, True))
+) + tuple(  # the activations loaded once for a thread's rows: 2-8 rows, 8-32 blocks a step, no split; the
+    # fastest of them on each fused 8B shape, W3 and W4 (gemv_sweep.py --half2 --x-once, BENCHMARKS.md,
+    # Kernels, after version 11): 20-31% faster than the tuner's tile on qkv and o_proj, and W4's gate/up and down
+    Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True)
+    for bn, w, u, pf in ((8, 1, 16, True), (4, 1, 16, True), (8, 2, 16, True), (8, 2, 32, True), (4, 1, 32, True),
+                         (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
 )
 
 
@@ -351,7 +359,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg,
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once,
                                      **pdl_launch(x2.device), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]

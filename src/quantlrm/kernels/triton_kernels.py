@@ -459,7 +459,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
                     EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
-                    PDL: tl.constexpr = False):
+                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -478,7 +478,12 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
     # step there changed ptxas's allocation of the W4 gate/up tile, 126 registers to 96 and 11
     # more instructions a step, and W4 decoded 4.8% slower with PDL: BENCHMARKS.md, Kernels,
-    # version 11.) EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
+    # version 11.)
+    # XONCE: the activation pairs are loaded as [1, U, L_PAD] and broadcast, so a thread that
+    # holds several rows of a (block, lane) in registers (tiles with few rows and many blocks a
+    # step) loads them once for all of those rows. Other tiles keep the whole-tile load: XONCE
+    # made some of them longer (a W4 row-pair tile from 358 to 554 SASS instructions a step).
+    # EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
     # inline assembly).
     # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
     # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs. (Once
@@ -550,17 +555,20 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 mult = zero3 + ((11 - R) << 10) * 0x10001  # half2 of 2^-(R+4): fp16 exponent field e+15
             mask = zero3 + (((1 << BITS) - 1) << R) * 0x10001
             kp = (blk + uu) * (B // 2) + sl * L + jj  # [1, U, L_PAD] activation pair indices
-            px = x_ptr + (zero3.to(tl.int32) + kp)  # rows repeat the same addresses (L1)
+            # XONCE: the pairs as [1, U, L_PAD], loaded once by a thread for all of its rows;
+            # else as the whole tile, rows repeating the same addresses (L1)
+            px = x_ptr + kp if XONCE else x_ptr + (zero3.to(tl.int32) + kp)
+            ones = (jj >= 0) if XONCE else (zero3 == 0)
             # lanes past L read later pairs of this block (dropped below), unless that runs past
             # the block's end; partial steps and a ragged row end are zeroed
             if FULL and EVEN_K and 2 * (sl * L + L_PAD) <= B:
                 xp = tl.load(px)
             elif FULL and EVEN_K:
-                xp = tl.load(px, mask=(zero3 == 0) & (2 * (sl * L + jj) < B), other=0)
+                xp = tl.load(px, mask=ones & (2 * (sl * L + jj) < B), other=0)
             else:
                 inb = (2 * (sl * L + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
-                xp = tl.load(px, mask=(zero3 == 0) & inb, other=0)
-            xp = xp.to(tl.uint32, bitcast=True)
+                xp = tl.load(px, mask=ones & inb, other=0)
+            xp = zero3 + xp.to(tl.uint32, bitcast=True)
             h = _pair_step(h, _slot_src(w0, w1, w2, sl, H, T, FIT, BITS, RS), mask, mult,
                            _neg_zero(z, R, zero3, BF16), xp, BF16, EMULATE)
             if RG == 2:
