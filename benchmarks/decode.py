@@ -140,7 +140,7 @@ def module_bytes(m) -> int:
 def describe(c) -> str:
     """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
     return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
-            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}")
+            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}" + (" x_once" if c.x_once else ""))
 
 
 def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
@@ -355,6 +355,9 @@ def main() -> None:
                     help="time each quantized precision without programmatic dependent launch "
                          "(QUANTLRM_PDL=0) and with it (the default) in the same run; '3': also with it for "
                          "our kernels only (QUANTLRM_INDUCTOR_PDL=0)")
+    ap.add_argument("--tiles-ab", action="store_true",
+                    help="time each quantized precision with the tuner's half2 tiles minus the x_once ones, minus "
+                         "their row pairs, and all of them, in the same run")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
@@ -460,17 +463,29 @@ def main() -> None:
         pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "": {}}
         if args.pdl_ab == "3":
             pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "+kpdl": {"QUANTLRM_INDUCTOR_PDL": "0"}, "": {}}
-    # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
-    # (they vary between processes), so one call shows the spread a single run hides
-    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, rep > 1 and i == 0)
-            for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
-            for i, (tag, env) in enumerate(pdl_modes.items() if p != HALF else [("", {})])]
-    for prec, comp, attn, tag, env, retune in runs:
-        if retune:
-            from quantlrm.kernels import _TUNED
+    import quantlrm.kernels as qk
 
-            for key in [k for k in _TUNED if k[3] == int(prec[1])]:
-                del _TUNED[key]
+    all_h2 = qk.GEMV_H2_CONFIGS
+    tile_modes = {"": None}
+    if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, without their row pairs, all
+        if args.pdl_ab:
+            raise SystemExit("--tiles-ab and --pdl-ab are separate experiments: pass one of them")
+        tile_modes = {"+no_xonce": lambda c: not c.x_once, "+xonce_rg1": lambda c: not (c.x_once and c.row_groups > 1),
+                      "": None}
+    variants = [(tag, env, None) for tag, env in pdl_modes.items()] if not args.tiles_ab else \
+        [(tag, {}, keep) for tag, keep in tile_modes.items()]
+    # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
+    # (they vary between processes), so one call shows the spread a single run hides; --tiles-ab
+    # re-tunes before every variant and runs them in reverse order on even repeats (order bias)
+    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, keep, (rep > 1 and i == 0) or args.tiles_ab)
+            for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
+            for i, (tag, env, keep) in enumerate(
+                (variants[::-1] if args.tiles_ab and rep % 2 == 0 else variants) if p != HALF else [("", {}, None)])]
+    for prec, comp, attn, tag, env, keep, retune in runs:
+        qk.GEMV_H2_CONFIGS = all_h2 if keep is None else tuple(c for c in all_h2 if keep(c))
+        if retune and prec != HALF:
+            for key in [k for k in qk._TUNED if k[3] == int(prec[1])]:
+                del qk._TUNED[key]
         if args.pdl_ab:  # (otherwise the caller's QUANTLRM_PDL / QUANTLRM_INDUCTOR_PDL stand)
             for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
                 os.environ.pop(name, None)

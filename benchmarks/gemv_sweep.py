@@ -70,21 +70,22 @@ def half2_grid(lanes: int):
                          row_groups=rg)
 
 
-def x_once_grid(lanes: int, n_blocks: int):
+def x_once_grid(lanes: int, n_blocks: int, row_groups: tuple[int, ...] = (1,)):
     """Tiles for the activations loaded once per thread (`Config.x_once`): few rows, many blocks a
     step, so that Triton's layout puts several rows of a (block, lane) in one thread; 4-32 lane
     tiles a thread (16 with prefetch). Splits that give the same blocks per program as a smaller
-    one are skipped."""
+    one are skipped; row_groups: also row pairs (counted as two lane tiles)."""
     from quantlrm.kernels import Config
 
     seen = set()
-    for bn, w, sk, u, pf in itertools.product((2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), (8, 16, 32), (False, True)):
+    for rg, bn, w, sk, u, pf in itertools.product(row_groups, (2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), (8, 16, 32),
+                                                  (False, True)):
         per = math.ceil(math.ceil(n_blocks / sk) / u) * u
-        if not 4 <= bn * u * lanes / (32 * w) <= (16 if pf else 32) or (bn, w, per, u, pf) in seen:
+        if not 4 <= bn * u * lanes * rg / (32 * w) <= (16 if pf else 32) or (rg, bn, w, per, u, pf) in seen:
             continue
-        seen.add((bn, w, per, u, pf))
+        seen.add((rg, bn, w, per, u, pf))
         yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True,
-                     x_once=True)
+                     x_once=True, row_groups=rg)
 
 
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
@@ -106,7 +107,8 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
-            tiles = x_once_grid(kws[0].lanes, kws[0].n_blocks) if args.x_once else half2_grid(kws[0].lanes)
+            rgs = (args.row_groups,) if args.row_groups else (1,)
+            tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
             for c in tiles:
                 if args.row_groups and c.row_groups != args.row_groups:
                     continue

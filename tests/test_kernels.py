@@ -233,7 +233,9 @@ _INTERP_SCRIPT = textwrap.dedent("""
                               # activations loaded once for a thread's rows: one split and split-K
                               Config("gemv", block_n=4, half2=True, blocks_per_step=4, x_once=True),
                               Config("gemv", block_n=2, split_k=3, half2=True, blocks_per_step=2, prefetch=True,
-                                     x_once=True)]
+                                     x_once=True),
+                              Config("gemv", block_n=2, half2=True, blocks_per_step=4, prefetch=True, x_once=True,
+                                     row_groups=2)]
             else:
                 cands = [cands[0], cands[1], cands[-1]]
             for c in cands:
@@ -271,7 +273,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
                   Config("gemv", block_n=8, split_k=2, half2=True, blocks_per_step=2),
                   Config("gemv", block_n=4, half2=True, row_groups=2),
                   Config("gemv", block_n=2, split_k=2, half2=True, blocks_per_step=2, row_groups=2),
-                  Config("gemv", block_n=4, half2=True, blocks_per_step=4, x_once=True)):
+                  Config("gemv", block_n=4, half2=True, blocks_per_step=4, x_once=True),
+                  Config("gemv", block_n=2, split_k=2, half2=True, blocks_per_step=4, x_once=True, row_groups=2)):
             got = run_config(x, kw, c, act=True).float()
             assert got.shape == (1, n // 2), (c, got.shape)
             err = float((got - ref).norm() / ref.norm())

@@ -171,10 +171,16 @@ GEMV_H2_CONFIGS = tuple(
                              (8, 4, 4, 4, False), (16, 4, 8, 2, False), (8, 2, 4, 2, False), (8, 4, 4, 4, True))
 ) + tuple(  # the activations loaded once for a thread's rows: 2-8 rows, 8-32 blocks a step, no split; the
     # fastest of them on each fused 8B shape, W3 and W4 (gemv_sweep.py --half2 --x-once, BENCHMARKS.md,
-    # Kernels, after version 11): 20-31% faster than the tuner's tile on qkv and o_proj, and W4's gate/up and down
+    # Kernels, after version 11; H200): 20-31% faster than the tuner's tile on qkv and o_proj, and on W4's gate/up
+    # and down_proj
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True)
     for bn, w, u, pf in ((8, 1, 16, True), (4, 1, 16, True), (8, 2, 16, True), (8, 2, 32, True), (4, 1, 32, True),
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
+) + tuple(  # and with row pairs: W3's fastest on every fused 8B shape (gemv_sweep.py --half2 --x-once
+    # --row-groups 2, H100): gate/up 16% and down_proj 9% faster than the tuner's tile before them
+    Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
+    for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True), (4, 2, 16, True),
+                         (4, 2, 32, True))
 )
 
 
