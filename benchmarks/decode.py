@@ -356,8 +356,8 @@ def main() -> None:
                          "(QUANTLRM_PDL=0) and with it (the default) in the same run; '3': also with it for "
                          "our kernels only (QUANTLRM_INDUCTOR_PDL=0)")
     ap.add_argument("--tiles-ab", action="store_true",
-                    help="time each quantized precision with the tuner's half2 tiles minus the x_once ones, minus "
-                         "their row pairs, and all of them, in the same run")
+                    help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
+                         "all of them, in the same run")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
@@ -467,11 +467,10 @@ def main() -> None:
 
     all_h2 = qk.GEMV_H2_CONFIGS
     tile_modes = {"": None}
-    if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, without their row pairs, all
+    if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, then all of them
         if args.pdl_ab:
             raise SystemExit("--tiles-ab and --pdl-ab are separate experiments: pass one of them")
-        tile_modes = {"+no_xonce": lambda c: not c.x_once, "+xonce_rg1": lambda c: not (c.x_once and c.row_groups > 1),
-                      "": None}
+        tile_modes = {"+no_xonce": lambda c: not c.x_once, "": None}
     variants = [(tag, env, None) for tag, env in pdl_modes.items()] if not args.tiles_ab else \
         [(tag, {}, keep) for tag, keep in tile_modes.items()]
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first

@@ -176,12 +176,10 @@ GEMV_H2_CONFIGS = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True)
     for bn, w, u, pf in ((8, 1, 16, True), (4, 1, 16, True), (8, 2, 16, True), (8, 2, 32, True), (4, 1, 32, True),
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
-) + tuple(  # and with row pairs: W3's fastest on every fused 8B shape (gemv_sweep.py --half2 --x-once
-    # --row-groups 2, H100): gate/up 16% and down_proj 9% faster than the tuner's tile before them
-    Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
-    for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True), (4, 2, 16, True),
-                         (4, 2, 32, True))
 )
+# Not among them: x_once tiles with row pairs. An H100 sweep found them W3's fastest on every fused
+# 8B shape (gate/up 23.5 us against 28.1), but the tuner then picked them and W3 decoded slower
+# (337.5 tok/s against 351.3 without them, same run; BENCHMARKS.md, Kernels, after version 11).
 
 
 # Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
