@@ -137,6 +137,15 @@ def module_bytes(m) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
+def _xonce_rg2():
+    from quantlrm.kernels import Config
+
+    return tuple(Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2,
+                        half2=True)
+                 for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True),
+                                      (4, 2, 16, True), (4, 2, 32, True)))
+
+
 def describe(c) -> str:
     """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
     return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
@@ -221,7 +230,15 @@ def kernel_profile(dec, ids: torch.Tensor, steps: int = 5) -> dict:
         per_name[e.name][0] += 1
         per_name[e.name][1] += us
     top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:25]
-    return {"steps": steps, "launches_per_token": len(kernels) / steps,
+    # the quantized linears in launch order: with fused projections a layer runs four, qkv, o_proj,
+    # gate/up and down_proj, so position i % 4 tells the shape
+    lin = [e for e in sorted(kernels, key=lambda e: e.time_range.start) if kind(e.name) == "quantlrm linears"]
+    by_pos = {}
+    if lin and len(lin) % (4 * steps) == 0:
+        for i, name in enumerate(("qkv", "o_proj", "gate/up", "down_proj")):
+            us = [e.time_range.elapsed_us() for e in lin[i::4]]
+            by_pos[name] = {"launches": len(us) / steps, "us_each": statistics.mean(us)}
+    return {"steps": steps, "launches_per_token": len(kernels) / steps, "linears_by_position": by_pos,
             "kernel_us_per_token": sum(v[1] for v in per_kind.values()) / steps,
             "by_kind": {k: {"launches": n / steps, "us": t / steps} for k, (n, t) in per_kind.items()},
             "top": [{"name": k[:120], "launches": n / steps, "us": t / steps} for k, (n, t) in top]}
@@ -355,9 +372,9 @@ def main() -> None:
                     help="time each quantized precision without programmatic dependent launch "
                          "(QUANTLRM_PDL=0) and with it (the default) in the same run; '3': also with it for "
                          "our kernels only (QUANTLRM_INDUCTOR_PDL=0)")
-    ap.add_argument("--tiles-ab", action="store_true",
+    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2"),
                     help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
-                         "all of them, in the same run")
+                         "all of them, in the same run; 'rg2': also with the x_once row-pair tiles added")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
@@ -471,6 +488,8 @@ def main() -> None:
         if args.pdl_ab:
             raise SystemExit("--tiles-ab and --pdl-ab are separate experiments: pass one of them")
         tile_modes = {"+no_xonce": lambda c: not c.x_once, "": None}
+        if args.tiles_ab == "rg2":  # and with the x_once row-pair tiles that won W3's sweep alone (version 12)
+            tile_modes["+xonce_rg2"] = _xonce_rg2()
     variants = [(tag, env, None) for tag, env in pdl_modes.items()] if not args.tiles_ab else \
         [(tag, {}, keep) for tag, keep in tile_modes.items()]
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
@@ -481,7 +500,8 @@ def main() -> None:
             for i, (tag, env, keep) in enumerate(
                 (variants[::-1] if args.tiles_ab and rep % 2 == 0 else variants) if p != HALF else [("", {}, None)])]
     for prec, comp, attn, tag, env, keep, retune in runs:
-        qk.GEMV_H2_CONFIGS = all_h2 if keep is None else tuple(c for c in all_h2 if keep(c))
+        qk.GEMV_H2_CONFIGS = all_h2 if keep is None else all_h2 + keep if isinstance(keep, tuple) else \
+            tuple(c for c in all_h2 if keep(c))
         if retune and prec != HALF:
             for key in [k for k in qk._TUNED if k[3] == int(prec[1])]:
                 del qk._TUNED[key]
@@ -505,7 +525,7 @@ def main() -> None:
         if prec != HALF:  # the tile each linear shape got from the tuner (it times candidates; noisy)
             from quantlrm.kernels import _TUNED
 
-            r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}": describe(c)
+            r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}" + (" act" if key[-1] is True else ""): describe(c)
                           for key, c in _TUNED.items() if key[3] == int(prec[1])}
         res["decode"][label] = r
         dump()
@@ -517,6 +537,9 @@ def main() -> None:
               (f"; model.generate(cache_implementation='static'): {r['hf_static_tok_per_s']:.1f} tok/s"
                if "hf_static_tok_per_s" in r else ""), flush=True)
         prof = r.get("profile") or {}
+        if prof.get("linears_by_position"):
+            print("  quantized linears, us each: " + "; ".join(
+                f"{k} {v['us_each']:.1f}" for k, v in prof["linears_by_position"].items()), flush=True)
         if "by_kind" in prof:
             print(f"  kernels per token: {prof['launches_per_token']:.0f} launches, "
                   f"{prof['kernel_us_per_token'] / 1e3:.2f} ms of kernel time; " +

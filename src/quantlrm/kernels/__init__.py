@@ -387,7 +387,7 @@ def _bucket(m: int) -> int:
     return min(1 << (m - 1).bit_length(), 1024)
 
 
-# (bucket, N, K, bits, group, dtype) -> chosen Config
+# (bucket, N, K, bits, group, dtype, half2 allowed, act) -> chosen Config
 _TUNED: dict[tuple, Config] = {}
 
 
@@ -429,9 +429,11 @@ def _time(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3) -> tuple[Config, dict, dict]:
+def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3,
+         act: bool = False) -> tuple[Config, dict, dict]:
     """Time every candidate for this call's shape: (best, first pass {config: ms per call},
-    finalists {config: median ms per call}).
+    finalists {config: median ms per call}). act: timed with the gated-MLP epilogue, as a fused
+    gate/up runs (a tile's epilogue cost differs: BENCHMARKS.md, Kernels, version 12).
 
     A single timing can mislead (the fp32-math GEMV's tuner picked different down_proj tiles in
     two runs of one build, BENCHMARKS.md version 8), so the `finalists` fastest of a first pass
@@ -451,7 +453,7 @@ def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3
 
     def cost(c: Config) -> float:
         try:
-            return _time(lambda: [run_config(x2, w, c) for w in copies], reps=2) / len(copies)
+            return _time(lambda: [run_config(x2, w, c, act) for w in copies], reps=2) / len(copies)
         except Exception:  # noqa: BLE001 -- e.g. a tile that needs more shared memory than this card has
             return float("inf")
 
@@ -467,17 +469,19 @@ def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3
     return best, first, final
 
 
-def choose(x2: torch.Tensor, kw: KernelWeight) -> Config:
-    """The tuned configuration for this call's key (tuning on first use)."""
+def choose(x2: torch.Tensor, kw: KernelWeight, act: bool = False) -> Config:
+    """The tuned configuration for this call's key (tuning on first use); act: for the gated
+    epilogue, tuned with it."""
     m = x2.shape[0]
     # (half2_ok in the key: turning QUANTLRM_BF16X2 on or off re-tunes instead of reusing a choice)
-    key = (_bucket(m), kw.out_features, kw.in_features, kw.bits, kw.group_size, x2.dtype, half2_ok(kw, x2.dtype))
+    key = (_bucket(m), kw.out_features, kw.in_features, kw.bits, kw.group_size, x2.dtype, half2_ok(kw, x2.dtype),
+           act)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
     if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
         return candidates(kw, m, x2.dtype)[0]  # no timing possible now: the first candidate is always valid
-    best, _, _ = tune(x2, kw)
+    best, _, _ = tune(x2, kw, act=act)
     _TUNED[key] = best
     return best
 
@@ -494,7 +498,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeight, config: Config | None = None, act
         y = gated(y) if act else y
     else:
         with on_device(x2):
-            y = run_config(x2, kw, config or choose(x2, kw), act)
+            y = run_config(x2, kw, config or choose(x2, kw, act), act)
     return y.view(*shape[:-1], kw.out_features // 2 if act else kw.out_features)
 
 
