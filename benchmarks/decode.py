@@ -234,7 +234,7 @@ def kernel_profile(dec, ids: torch.Tensor, steps: int = 5) -> dict:
     # gate/up and down_proj, so position i % 4 tells the shape
     lin = [e for e in sorted(kernels, key=lambda e: e.time_range.start) if kind(e.name) == "quantlrm linears"]
     by_pos = {}
-    if lin and len(lin) % (4 * steps) == 0:
+    if lin and len(lin) == 4 * dec.model.config.num_hidden_layers * steps:  # (not with --no-fuse: 7 a layer)
         for i, name in enumerate(("qkv", "o_proj", "gate/up", "down_proj")):
             us = [e.time_range.elapsed_us() for e in lin[i::4]]
             by_pos[name] = {"launches": len(us) / steps, "us_each": statistics.mean(us)}
@@ -495,7 +495,10 @@ def main() -> None:
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
     # (they vary between processes), so one call shows the spread a single run hides; --tiles-ab
     # re-tunes before every variant and runs them in reverse order on even repeats (order bias)
-    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, keep, (rep > 1 and i == 0) or args.tiles_ab)
+    # (retune: "all" of the precision's choices at a repeat's start, "m1" between --tiles-ab
+    # variants: the candidate sets differ only in batch-1 tiles)
+    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, keep,
+             "all" if rep > 1 and i == 0 else "m1" if args.tiles_ab else None)
             for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
             for i, (tag, env, keep) in enumerate(
                 (variants[::-1] if args.tiles_ab and rep % 2 == 0 else variants) if p != HALF else [("", {}, None)])]
@@ -503,7 +506,7 @@ def main() -> None:
         qk.GEMV_H2_CONFIGS = all_h2 if keep is None else all_h2 + keep if isinstance(keep, tuple) else \
             tuple(c for c in all_h2 if keep(c))
         if retune and prec != HALF:
-            for key in [k for k in qk._TUNED if k[3] == int(prec[1])]:
+            for key in [k for k in qk._TUNED if k[3] == int(prec[1]) and (retune == "all" or k[0] == 1)]:
                 del qk._TUNED[key]
         if args.pdl_ab:  # (otherwise the caller's QUANTLRM_PDL / QUANTLRM_INDUCTOR_PDL stand)
             for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
@@ -545,6 +548,7 @@ def main() -> None:
                   f"{prof['kernel_us_per_token'] / 1e3:.2f} ms of kernel time; " +
                   "; ".join(f"{k} {v['launches']:.0f} x = {v['us'] / 1e3:.2f} ms" for k, v in prof["by_kind"].items()),
                   flush=True)
+    qk.GEMV_H2_CONFIGS = all_h2
     res["inductor_pdl"] = inductor_pdl_audit()
     print(f"inductor kernels launched with PDL: {res['inductor_pdl']['pdl_kernels']}, without a wait: "
           f"{res['inductor_pdl']['without_wait'] or 'none'}", flush=True)

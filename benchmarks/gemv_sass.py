@@ -6,6 +6,7 @@ bit width, the half2 GEMV in fp16, its bf16x2 form (default for bf16 since versi
 fp32-math GEMV (bf16 models before version 8, or with QUANTLRM_BF16X2=0).
 
     python benchmarks/gemv_sass.py
+    python benchmarks/gemv_sass.py --x-once   # activations loaded once per thread's rows, against the tile load
 """
 
 from __future__ import annotations
@@ -98,7 +99,35 @@ def loads(body: list[str]) -> str:
     return ", ".join(f"{n} x {w}-bit" for w, n in widths.items() if n)
 
 
+def registers(cubin: bytes) -> int:
+    path = "/tmp/gemv_sass_regs.cubin"
+    Path(path).write_bytes(cubin)
+    out = subprocess.run([os.path.join(NVBIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
+
+
+def x_once_table() -> None:
+    """The half2 GEMV with the activations loaded once for a thread's rows (`Config.x_once`)
+    against the whole-tile load, same tiles: loop length, global loads per code, registers."""
+    print("| bits | tile (rows, warps, blocks per step, row groups) | x_once | registers | loop instructions "
+          "| per code | global loads per code | global loads in the loop |")
+    print("|---|---|---|---|---|---|---|---|")
+    tiles = ((3, 64, 4, 4, 1), (3, 8, 2, 4, 2), (3, 8, 1, 32, 1), (3, 4, 1, 32, 1), (3, 8, 2, 16, 1), (3, 8, 1, 8, 1),
+             (4, 64, 4, 4, 1), (4, 8, 2, 4, 2), (4, 8, 1, 8, 1), (4, 4, 1, 16, 1), (4, 8, 2, 16, 1))
+    for bits, bn, warps, u, rg in tiles:
+        for xo in (False, True):
+            k = compile_h2_kernel(bits, False, bn, warps, u, False, rg, x_once=xo)
+            body = loop_body(k.asm["cubin"], f"xo{bits}")
+            codes = bn * rg * codes_per_block(bits) * u / (warps * 32)
+            n_ld = sum(1 for ln in body if "LDG" in ln)
+            print(f"| W{bits} | {bn}, {warps}, {u}, {rg} | {'yes' if xo else 'no'} | {registers(k.asm['cubin'])} "
+                  f"| {len(body)} | {len(body) / codes:.2f} | {n_ld / codes:.3f} | {loads(body)} |", flush=True)
+
+
 def main() -> None:
+    if "--x-once" in sys.argv:
+        x_once_table()
+        return
     print("| bits | kernel | tile (rows, warps, blocks per step) | loop instructions | codes per thread | per code "
           "| global loads in the loop |")
     print("|---|---|---|---|---|---|---|")

@@ -149,6 +149,8 @@ def main() -> None:
                     help="sweep the half2 GEMV's tiles on the fused shapes instead of the fp32-math GEMV's")
     ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="activations of --half2 (bf16: bf16x2)")
     args = ap.parse_args()
+    if args.x_once and not args.half2:
+        ap.error("--x-once sweeps half2 tiles: pass --half2 too")
 
     from quantlrm.kernels import GEMV_CONFIGS, Config, run_config
 

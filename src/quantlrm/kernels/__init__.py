@@ -170,16 +170,16 @@ GEMV_H2_CONFIGS = tuple(
     for bn, w, sk, u, pf in ((8, 2, 1, 4, False), (16, 4, 1, 4, False), (16, 4, 1, 2, False), (8, 2, 8, 4, True),
                              (8, 4, 4, 4, False), (16, 4, 8, 2, False), (8, 2, 4, 2, False), (8, 4, 4, 4, True))
 ) + tuple(  # the activations loaded once for a thread's rows: 2-8 rows, 8-32 blocks a step, no split; the
-    # fastest of them on each fused 8B shape, W3 and W4 (gemv_sweep.py --half2 --x-once, BENCHMARKS.md,
-    # Kernels, after version 11; H200): 20-31% faster than the tuner's tile on qkv and o_proj, and on W4's gate/up
-    # and down_proj
+    # fastest of them (and two runners-up) on the fused 8B shapes, W3 and W4 (gemv_sweep.py --half2 --x-once,
+    # BENCHMARKS.md, Kernels, version 12; H200): 23-31% less time than the tuner's tile before them on qkv and
+    # o_proj, 20% on W4's down_proj, 12% on W4's gate/up
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True)
     for bn, w, u, pf in ((8, 1, 16, True), (4, 1, 16, True), (8, 2, 16, True), (8, 2, 32, True), (4, 1, 32, True),
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
 )
 # Not among them: x_once tiles with row pairs. An H100 sweep found them W3's fastest on every fused
 # 8B shape (gate/up 23.5 us against 28.1), but the tuner then picked them and W3 decoded slower
-# (337.5 tok/s against 351.3 without them, same run; BENCHMARKS.md, Kernels, after version 11).
+# (337.5 tok/s against 351.3 without them, same run; BENCHMARKS.md, Kernels, version 12).
 
 
 # Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
