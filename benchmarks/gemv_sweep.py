@@ -103,8 +103,9 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
                 kw.scale, kw.zero = kw.scale.to(dt), kw.zero.to(dt)
             x = torch.randn(1, k, device="cuda", dtype=dt)
             nbytes = kws[0].nbytes() + 2 * (n + k)
-            chosen, _, _ = tune(x, kws[0])
-            t = graph_time(lambda kws=kws, x=x, c=chosen: [run_config(x, kw, c) for kw in kws]) / len(kws)
+            act = args.act and short == "gate_up_proj"  # the fused MLP's SiLU * up store, as decode runs it
+            chosen, _, _ = tune(x, kws[0], act=act)
+            t = graph_time(lambda kws=kws, x=x, c=chosen, a=act: [run_config(x, kw, c, a) for kw in kws]) / len(kws)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
             rgs = (args.row_groups,) if args.row_groups else (1,)
@@ -116,7 +117,7 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
                     break
                 try:
-                    t = graph_time(lambda kws=kws, x=x, c=c: [run_config(x, kw, c) for kw in kws]) / len(kws)
+                    t = graph_time(lambda kws=kws, x=x, c=c, a=act: [run_config(x, kw, c, a) for kw in kws]) / len(kws)
                 except Exception as e:  # noqa: BLE001 -- a config that does not compile is reported
                     res["rows"].append(dict(bits=bits, linear=short, config=repr(c), error=repr(e)[:200]))
                     continue
@@ -142,6 +143,8 @@ def main() -> None:
                     help="--half2: the fused shapes to sweep")
     ap.add_argument("--x-once", action="store_true",
                     help="--half2: only the tiles that load the activations once for a thread's rows")
+    ap.add_argument("--act", action="store_true",
+                    help="--half2: time gate_up_proj (and tune it) with the gated-MLP epilogue, as the fused MLP runs")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")
