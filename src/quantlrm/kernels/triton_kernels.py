@@ -558,16 +558,16 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             # XONCE: the pairs as [1, U, L_PAD], loaded once by a thread for all of its rows;
             # else as the whole tile, rows repeating the same addresses (L1)
             px = x_ptr + kp if XONCE else x_ptr + (zero3.to(tl.int32) + kp)
-            ones = (jj >= 0) if XONCE else (zero3 == 0)
             # lanes past L read later pairs of this block (dropped below), unless that runs past
-            # the block's end; partial steps and a ragged row end are zeroed
+            # the block's end; partial steps and a ragged row end are zeroed (a mask takes the
+            # pointers' shape)
             if FULL and EVEN_K and 2 * (sl * L + L_PAD) <= B:
                 xp = tl.load(px)
             elif FULL and EVEN_K:
-                xp = tl.load(px, mask=ones & (2 * (sl * L + jj) < B), other=0)
+                xp = tl.load(px, mask=2 * (sl * L + jj) < B, other=0)
             else:
                 inb = (2 * (sl * L + jj) < B) & (2 * kp < K) & (blk + uu < b_end)
-                xp = tl.load(px, mask=ones & inb, other=0)
+                xp = tl.load(px, mask=inb, other=0)
             xp = zero3 + xp.to(tl.uint32, bitcast=True)
             h = _pair_step(h, _slot_src(w0, w1, w2, sl, H, T, FIT, BITS, RS), mask, mult,
                            _neg_zero(z, R, zero3, BF16), xp, BF16, EMULATE)
