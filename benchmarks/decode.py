@@ -483,28 +483,25 @@ def main() -> None:
     import quantlrm.kernels as qk
 
     all_h2 = qk.GEMV_H2_CONFIGS
-    tile_modes = {"": None}
+    variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
     if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, then all of them
         if args.pdl_ab:
             raise SystemExit("--tiles-ab and --pdl-ab are separate experiments: pass one of them")
-        tile_modes = {"+no_xonce": lambda c: not c.x_once, "": None}
+        variants = [("+no_xonce", {}, tuple(c for c in all_h2 if not c.x_once)), ("", {}, all_h2)]
         if args.tiles_ab == "rg2":  # and with the x_once row-pair tiles that won W3's sweep alone (version 12)
-            tile_modes["+xonce_rg2"] = _xonce_rg2()
-    variants = [(tag, env, None) for tag, env in pdl_modes.items()] if not args.tiles_ab else \
-        [(tag, {}, keep) for tag, keep in tile_modes.items()]
+            variants.append(("+xonce_rg2", {}, all_h2 + _xonce_rg2()))
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
     # (they vary between processes), so one call shows the spread a single run hides; --tiles-ab
     # re-tunes before every variant and runs them in reverse order on even repeats (order bias)
     # (retune: "all" of the precision's choices at a repeat's start, "m1" between --tiles-ab
     # variants: the candidate sets differ only in batch-1 tiles)
-    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, keep,
+    runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, tiles,
              "all" if rep > 1 and i == 0 else "m1" if args.tiles_ab else None)
             for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
-            for i, (tag, env, keep) in enumerate(
-                (variants[::-1] if args.tiles_ab and rep % 2 == 0 else variants) if p != HALF else [("", {}, None)])]
-    for prec, comp, attn, tag, env, keep, retune in runs:
-        qk.GEMV_H2_CONFIGS = all_h2 if keep is None else all_h2 + keep if isinstance(keep, tuple) else \
-            tuple(c for c in all_h2 if keep(c))
+            for i, (tag, env, tiles) in enumerate(
+                (variants[::-1] if args.tiles_ab and rep % 2 == 0 else variants) if p != HALF else [("", {}, all_h2)])]
+    for prec, comp, attn, tag, env, tiles, retune in runs:
+        qk.GEMV_H2_CONFIGS = tiles
         if retune and prec != HALF:
             for key in [k for k in qk._TUNED if k[3] == int(prec[1]) and (retune == "all" or k[0] == 1)]:
                 del qk._TUNED[key]
@@ -528,7 +525,7 @@ def main() -> None:
         if prec != HALF:  # the tile each linear shape got from the tuner (it times candidates; noisy)
             from quantlrm.kernels import _TUNED
 
-            r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}" + (" act" if key[-1] is True else ""): describe(c)
+            r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}" + (" act" if key[-1] else ""): describe(c)
                           for key, c in _TUNED.items() if key[3] == int(prec[1])}
         res["decode"][label] = r
         dump()
