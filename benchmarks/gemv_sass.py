@@ -28,11 +28,16 @@ from quantlrm.kernels.layout import kernel_constants  # noqa: E402
 NVBIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def loop_body(cubin: bytes, tag: str) -> list[str]:
-    """SASS lines of the longest backward branch's body (the kernel's block loop)."""
+def cuobjdump(cubin: bytes, flag: str, tag: str) -> str:
+    """cuobjdump's output (`-sass`, `-res-usage`) for a cubin, written to a scratch file first."""
     path = f"/tmp/gemv_sass_{tag}.cubin"
     Path(path).write_bytes(cubin)
-    sass = subprocess.run([os.path.join(NVBIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+    return subprocess.run([os.path.join(NVBIN, "cuobjdump"), flag, path], capture_output=True, text=True).stdout
+
+
+def loop_body(cubin: bytes, tag: str) -> list[str]:
+    """SASS lines of the longest backward branch's body (the kernel's block loop)."""
+    sass = cuobjdump(cubin, "-sass", tag)
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
     addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
     best = None
@@ -100,10 +105,7 @@ def loads(body: list[str]) -> str:
 
 
 def registers(cubin: bytes) -> int:
-    path = "/tmp/gemv_sass_regs.cubin"
-    Path(path).write_bytes(cubin)
-    out = subprocess.run([os.path.join(NVBIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
-    return int(re.search(r"REG:(\d+)", out).group(1))
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage", "regs")).group(1))
 
 
 def x_once_table() -> None:

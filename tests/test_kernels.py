@@ -392,9 +392,9 @@ def test_gpu_gated_epilogue_is_tuned_apart(monkeypatch):
     seen = []
     real_tune = qk.tune
 
-    def spy(*a, **kw):
-        seen.append(kw.get("act", False))
-        return real_tune(*a, **kw)
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("act", False))
+        return real_tune(*args, **kwargs)
 
     monkeypatch.setattr(qk, "tune", spy)
     q = quantize(torch.randn(512, 1024, device="cuda"), 3, 128)
