@@ -137,15 +137,6 @@ def module_bytes(m) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
-def _xonce_rg2():
-    from quantlrm.kernels import Config
-
-    return tuple(Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2,
-                        half2=True)
-                 for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True),
-                                      (4, 2, 16, True), (4, 2, 32, True)))
-
-
 def describe(c) -> str:
     """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
     return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
@@ -368,13 +359,16 @@ def main() -> None:
                     help="batch-1 check and GEMV microbenchmark only (few kernel compiles)")
     ap.add_argument("--no-decode", action="store_true",
                     help="GEMV and prefill microbenchmarks only (no end-to-end decode)")
-    ap.add_argument("--pdl-ab", nargs="?", const="2", choices=("2", "3"),
+    ap.add_argument("--pdl-ab", nargs="?", const="2", choices=("2", "3", "trigger"),
                     help="time each quantized precision without programmatic dependent launch "
                          "(QUANTLRM_PDL=0) and with it (the default) in the same run; '3': also with it for "
-                         "our kernels only (QUANTLRM_INDUCTOR_PDL=0)")
-    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2"),
+                         "our kernels only (QUANTLRM_INDUCTOR_PDL=0); 'trigger': instead, the default against every GEMV "
+                         "letting the next kernel launch as soon as it starts (QUANTLRM_PDL_TRIGGER=early) "
+                         "and only after its main loop (=late)")
+    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only"),
                     help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
-                         "all of them, in the same run; 'rg2': also with the x_once row-pair tiles added")
+                         "all of them, in the same run; 'rg2': also minus only the row-pair x_once ones; "
+                         "'rg2only': only that and all; with --pdl-ab, each tile set under each PDL mode")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
@@ -480,33 +474,36 @@ def main() -> None:
         pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "": {}}
         if args.pdl_ab == "3":
             pdl_modes = {"+nopdl": {"QUANTLRM_PDL": "0"}, "+kpdl": {"QUANTLRM_INDUCTOR_PDL": "0"}, "": {}}
+        if args.pdl_ab == "trigger":
+            pdl_modes = {"": {}, "+early": {"QUANTLRM_PDL_TRIGGER": "early"}, "+late": {"QUANTLRM_PDL_TRIGGER": "late"}}
     import quantlrm.kernels as qk
 
     all_h2 = qk.GEMV_H2_CONFIGS
     variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
-    if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, then all of them
-        if args.pdl_ab:
-            raise SystemExit("--tiles-ab and --pdl-ab are separate experiments: pass one of them")
-        variants = [("+no_xonce", {}, tuple(c for c in all_h2 if not c.x_once)), ("", {}, all_h2)]
-        if args.tiles_ab == "rg2":  # and with the x_once row-pair tiles that won W3's sweep alone (version 12)
-            variants.append(("+xonce_rg2", {}, all_h2 + _xonce_rg2()))
+    if args.tiles_ab:  # the tuner's half2 tiles without some x_once ones, then all of them
+        rg2 = tuple(c for c in all_h2 if not (c.x_once and c.row_groups == 2))
+        tile_sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("+no_xonce_rg2", rg2), ("", all_h2)]
+        tile_sets = {"1": tile_sets[::2], "rg2": tile_sets, "rg2only": tile_sets[1:]}[args.tiles_ab]
+        # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
+        variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets for ptag, env in pdl_modes.items()]
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
     # (they vary between processes), so one call shows the spread a single run hides; --tiles-ab
-    # re-tunes before every variant and runs them in reverse order on even repeats (order bias)
+    # re-tunes before every variant; --tiles-ab and --pdl-ab run their variants in reverse order on
+    # even repeats (the second of two identical W4 variants ran 2-4% faster, version 13)
     # (retune: "all" of the precision's choices at a repeat's start, "m1" between --tiles-ab
     # variants: the candidate sets differ only in batch-1 tiles)
     runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, tiles,
              "all" if rep > 1 and i == 0 else "m1" if args.tiles_ab else None)
             for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
             for i, (tag, env, tiles) in enumerate(
-                (variants[::-1] if args.tiles_ab and rep % 2 == 0 else variants) if p != HALF else [("", {}, all_h2)])]
+                (variants[::-1] if rep % 2 == 0 else variants) if p != HALF else [("", {}, all_h2)])]
     for prec, comp, attn, tag, env, tiles, retune in runs:
         qk.GEMV_H2_CONFIGS = tiles
         if retune and prec != HALF:
             for key in [k for k in qk._TUNED if k[3] == int(prec[1]) and (retune == "all" or k[0] == 1)]:
                 del qk._TUNED[key]
         if args.pdl_ab:  # (otherwise the caller's QUANTLRM_PDL / QUANTLRM_INDUCTOR_PDL stand)
-            for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL"):
+            for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL", "QUANTLRM_PDL_TRIGGER"):
                 os.environ.pop(name, None)
             os.environ.update(env)
         label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "") + tag

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -131,6 +132,27 @@ def test_half2_gemv_is_offered_for_fp16_and_bf16_unless_turned_off(monkeypatch):
     monkeypatch.delenv("QUANTLRM_BF16X2")
     q8 = quantize(torch.randn(64, 256), 8, 128)
     assert not half2_ok(L.from_codes(q8.codes, q8.scale, q8.zero, 8, 128, torch.float16), torch.float16)
+
+
+def test_pdl_trigger_is_late_for_the_row_pair_x_once_tiles_only(monkeypatch):
+    """Under PDL the row-pair x_once tiles let the next kernel launch after their main loop
+    (BENCHMARKS.md, Kernels, version 13); QUANTLRM_PDL_TRIGGER forces one trigger for all; no
+    PDL (CPU here) means no PDL arguments at all."""
+    import quantlrm.kernels as qk
+
+    cpu = torch.device("cpu")
+    assert qk.pdl_launch(cpu, late=True) == {}
+    monkeypatch.setattr(qk, "pdl_enabled", lambda device: True)
+    monkeypatch.delenv("QUANTLRM_PDL_TRIGGER", raising=False)
+    late = [c for c in qk.GEMV_H2_CONFIGS if qk.late_trigger(replace(c, half2=True))]
+    assert len(late) == 6 and all(c.x_once and c.row_groups == 2 for c in late)
+    assert not any(qk.late_trigger(c) for c in qk.GEMV_CONFIGS)  # the fp32-math GEMV has no PDL variant
+    assert qk.pdl_launch(cpu, late=True) == {"PDL": 2, "launch_pdl": True}
+    assert qk.pdl_launch(cpu) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "early")
+    assert qk.pdl_launch(cpu, late=True)["PDL"] == 1
+    monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "Late")
+    assert qk.pdl_launch(cpu)["PDL"] == 2
 
 
 def test_reference_matmul_and_quantlinear_cpu():

@@ -134,10 +134,31 @@ def pdl_enabled(device: torch.device) -> bool:
     return _hopper_or_later(_device_index(device))
 
 
-def pdl_launch(device: torch.device) -> dict:
+def pdl_launch(device: torch.device, late: bool = False) -> dict:
     """A decode kernel's launch arguments for PDL (its `PDL` constexpr and Triton's
-    `launch_pdl`), or none where `pdl_enabled` says no."""
-    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else {}
+    `launch_pdl`), or none where `pdl_enabled` says no.
+
+    late (the GEMV's row-pair x_once tiles, `late_trigger`): it lets the next kernel launch once
+    all its programs have finished their main loop (PDL 2), not once all have started (PDL 1).
+    Our reading, not profiled: launched early, the next kernel's programs wait on the SMs that
+    freed up first. Measured (BENCHMARKS.md, Kernels, version 13): with those tiles and the early
+    trigger W3 decoded 8% slower than without PDL (H100); with every GEMV triggering late, 6.5%
+    faster than the tiles before them triggering early (H200, same run). On an H100 this rule
+    and the early trigger decoded W3 alike, within the run's order bias.
+    QUANTLRM_PDL_TRIGGER=early or late sets the trigger of every GEMV.
+    """
+    if not pdl_enabled(device):
+        return {}
+    force = os.environ.get("QUANTLRM_PDL_TRIGGER", "").lower()
+    if force in ("early", "late"):
+        late = force == "late"
+    return dict(PDL=2 if late else 1, launch_pdl=True)
+
+
+def late_trigger(cfg: Config) -> bool:
+    """Whether a half2 GEMV tile lets the next kernel launch only after its main loop
+    (`pdl_launch`): the row-pair x_once tiles, the only ones measured to lose to an early trigger."""
+    return cfg.half2 and cfg.x_once and cfg.row_groups == 2
 
 
 def half2_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
@@ -176,10 +197,14 @@ GEMV_H2_CONFIGS = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True)
     for bn, w, u, pf in ((8, 1, 16, True), (4, 1, 16, True), (8, 2, 16, True), (8, 2, 32, True), (4, 1, 32, True),
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
+) + tuple(  # and with row pairs: W3's fastest on every fused 8B shape (gemv_sweep.py --half2 --x-once
+    # --row-groups 2, H100: gate/up 23.5-24.0 us against 28.1). Under PDL they let the next kernel
+    # launch after their main loop (`late_trigger`): with the early trigger W3 decoded 8% slower with
+    # them than without PDL (BENCHMARKS.md, Kernels, version 13)
+    Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
+    for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True), (4, 2, 16, True),
+                         (4, 2, 32, True))
 )
-# Not among them: x_once tiles with row pairs. An H100 sweep found them W3's fastest on every fused
-# 8B shape (gate/up 23.5 us against 28.1), but the tuner then picked them and W3 decoded slower
-# (337.5 tok/s against 351.3 without them, same run; BENCHMARKS.md, Kernels, version 12).
 
 
 # Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
@@ -364,7 +389,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
                                      BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once,
-                                     **pdl_launch(x2.device), **meta)
+                                     **pdl_launch(x2.device, late=late_trigger(cfg)), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]
             tk._gemv_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, m, n, k, nb, per,

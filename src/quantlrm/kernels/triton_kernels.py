@@ -442,13 +442,23 @@ def _widen(h, BF16: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _grid_dependency_sync():
+def _grid_dependency_sync(PDL: tl.constexpr = 1):
     """Under programmatic dependent launch (PDL): wait until the kernel before this one has
-    finished and its writes are visible, then let the kernel after this one launch. Everything
-    above the call may read only the weights (which no kernel writes); the kernel after ours
-    waits in the same way before it reads what we write. (Both are no-ops without PDL.)"""
+    finished and its writes are visible, then (PDL 1) let the kernel after this one launch.
+    Everything above the call may read only the weights (which no kernel writes); the kernel
+    after ours waits in the same way before it reads what we write. (Both are no-ops without
+    PDL.) PDL 2: the caller lets the next kernel launch later (`_launch_dependents`)."""
     tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
+    if PDL != 2:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _launch_dependents(PDL: tl.constexpr):
+    """PDL 2: let the next kernel launch once every program of this one has got here (its main
+    loop done), not as soon as every program has started."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -514,7 +524,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
     if PDL:  # nothing above reads what an earlier kernel writes
-        _grid_dependency_sync()
+        _grid_dependency_sync(PDL)
     for blk in range(b_begin, b_end, U):
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2 = n0, n1, n2
@@ -580,6 +590,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                 if RG == 2:
                     acc3b += _widen(hb, BF16, EMULATE) * sb
                     hb = zero3
+    _launch_dependents(PDL)
     if L != L_PAD:
         acc3 = tl.where(jj < L, acc3, 0.0)
     acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
