@@ -367,8 +367,9 @@ def main() -> None:
                          "and only after its main loop (=late)")
     ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only"),
                     help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
-                         "all of them, in the same run; 'rg2': also minus only the row-pair x_once ones; "
-                         "'rg2only': only that and all; with --pdl-ab, each tile set under each PDL mode")
+                         "all of them, in the same run; 'rg2': also with the row-pair x_once tiles "
+                         "(kernels.GEMV_H2_ROWPAIR_XONCE) added; 'rg2only': only all of them, and all plus those; "
+                         "with --pdl-ab, each tile set under each PDL mode")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
@@ -480,16 +481,17 @@ def main() -> None:
 
     all_h2 = qk.GEMV_H2_CONFIGS
     variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
-    if args.tiles_ab:  # the tuner's half2 tiles without some x_once ones, then all of them
-        rg2 = tuple(c for c in all_h2 if not (c.x_once and c.row_groups == 2))
-        tile_sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("+no_xonce_rg2", rg2), ("", all_h2)]
-        tile_sets = {"1": tile_sets[::2], "rg2": tile_sets, "rg2only": tile_sets[1:]}[args.tiles_ab]
+    if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, then all of them
+        tile_sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("", all_h2),
+                     ("+xonce_rg2", all_h2 + qk.GEMV_H2_ROWPAIR_XONCE)]  # and with the row-pair x_once tiles
+        tile_sets = {"1": tile_sets[:2], "rg2": tile_sets, "rg2only": tile_sets[1:]}[args.tiles_ab]
         # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
         variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets for ptag, env in pdl_modes.items()]
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
     # (they vary between processes), so one call shows the spread a single run hides; --tiles-ab
     # re-tunes before every variant; --tiles-ab and --pdl-ab run their variants in reverse order on
-    # even repeats (the second of two identical W4 variants ran 2-4% faster, version 13)
+    # even repeats. (With --pdl-ab alone the tuner runs under the first variant's settings of each
+    # repeat. Identical W4 variants in one repeat differed by -2.5% to +5%, version 13.)
     # (retune: "all" of the precision's choices at a repeat's start, "m1" between --tiles-ab
     # variants: the candidate sets differ only in batch-1 tiles)
     runs = [(p, c, a, tag + (f"#{rep}" if rep > 1 else ""), env, tiles,
@@ -502,7 +504,7 @@ def main() -> None:
         if retune and prec != HALF:
             for key in [k for k in qk._TUNED if k[3] == int(prec[1]) and (retune == "all" or k[0] == 1)]:
                 del qk._TUNED[key]
-        if args.pdl_ab:  # (otherwise the caller's QUANTLRM_PDL / QUANTLRM_INDUCTOR_PDL stand)
+        if args.pdl_ab:  # the three cleared, then the variant's (else the caller's stand)
             for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL", "QUANTLRM_PDL_TRIGGER"):
                 os.environ.pop(name, None)
             os.environ.update(env)

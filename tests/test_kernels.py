@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from quantlrm.errors import QuantLRMError
-from quantlrm.kernels import candidates, half2_ok, qmatmul, run_config
+from quantlrm.kernels import GEMV_H2_ROWPAIR_XONCE, candidates, half2_ok, qmatmul, run_config
 from quantlrm.kernels import layout as L
 from quantlrm.quantizer import quantize
 
@@ -136,23 +136,65 @@ def test_half2_gemv_is_offered_for_fp16_and_bf16_unless_turned_off(monkeypatch):
 
 def test_pdl_trigger_is_late_for_the_row_pair_x_once_tiles_only(monkeypatch):
     """Under PDL the row-pair x_once tiles let the next kernel launch after their main loop
-    (BENCHMARKS.md, Kernels, version 13); QUANTLRM_PDL_TRIGGER forces one trigger for all; no
-    PDL (CPU here) means no PDL arguments at all."""
+    (BENCHMARKS.md, Kernels, version 13); QUANTLRM_PDL_TRIGGER forces one trigger for every GEMV
+    and is checked; kernels without the choice (late=None) ignore it; no PDL, no arguments."""
     import quantlrm.kernels as qk
 
     cpu = torch.device("cpu")
     assert qk.pdl_launch(cpu, late=True) == {}
     monkeypatch.setattr(qk, "pdl_enabled", lambda device: True)
     monkeypatch.delenv("QUANTLRM_PDL_TRIGGER", raising=False)
-    late = [c for c in qk.GEMV_H2_CONFIGS if qk.late_trigger(replace(c, half2=True))]
-    assert len(late) == 6 and all(c.x_once and c.row_groups == 2 for c in late)
-    assert not any(qk.late_trigger(c) for c in qk.GEMV_CONFIGS)  # the fp32-math GEMV has no PDL variant
+    assert all(qk.late_trigger(replace(c, half2=True)) for c in qk.GEMV_H2_ROWPAIR_XONCE)
+    assert not any(qk.late_trigger(replace(c, half2=True)) for c in qk.GEMV_H2_CONFIGS)
     assert qk.pdl_launch(cpu, late=True) == {"PDL": 2, "launch_pdl": True}
-    assert qk.pdl_launch(cpu) == {"PDL": 1, "launch_pdl": True}
+    assert qk.pdl_launch(cpu, late=False) == qk.pdl_launch(cpu) == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "early")
     assert qk.pdl_launch(cpu, late=True)["PDL"] == 1
     monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "Late")
-    assert qk.pdl_launch(cpu)["PDL"] == 2
+    assert qk.pdl_launch(cpu, late=False)["PDL"] == 2
+    assert qk.pdl_launch(cpu)["PDL"] == 1  # the attention kernel has no late trigger
+    monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "1")
+    with pytest.raises(QuantLRMError, match="QUANTLRM_PDL_TRIGGER"):
+        qk.pdl_launch(cpu, late=False)
+    monkeypatch.delenv("QUANTLRM_PDL_TRIGGER")
+
+    # run_config asks for the tile's trigger (a recorder stops it at the launch)
+    class Launched(Exception):
+        pass
+
+    asked = []
+
+    def record(device, late=None):
+        asked.append(late)
+        raise Launched
+
+    monkeypatch.setattr(qk, "pdl_launch", record)
+    q = quantize(torch.randn(64, 256), 3, 128)
+    kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128, torch.float16)
+    for c in (qk.GEMV_H2_ROWPAIR_XONCE[0], qk.GEMV_H2_CONFIGS[0]):
+        with pytest.raises(Launched):
+            run_config(torch.randn(1, 256).half(), kw, replace(c, half2=True))
+    assert asked == [True, False]
+
+
+def test_pdl_trigger_sits_where_its_mode_says_in_the_ptx():
+    """PDL 1 lets the next kernel launch right after the wait at the top; PDL 2 only after the
+    main loop; without PDL neither instruction is there (sm_90 PTX, compiled on the CPU)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    gemv_sass = pytest.importorskip("gemv_sass")
+
+    where = {}
+    for pdl in (False, 1, 2):
+        k = gemv_sass.compile_h2_kernel(3, False, 4, 2, 4, True, 2, mode=0, x_once=True, pdl=pdl)
+        lines = k.asm["ptx"].splitlines()
+        loop_end = max(i for i, ln in enumerate(lines) if ln.strip().startswith("@") and " bra" in ln)
+        where[pdl] = ([i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln],
+                      [i for i, ln in enumerate(lines) if "griddepcontrol.launch_dependents" in ln], loop_end)
+    assert where[False][:2] == ([], [])
+    (wait1,), (launch1,), end1 = where[1]
+    (wait2,), (launch2,), end2 = where[2]
+    assert wait1 < launch1 < wait1 + 10 < end1
+    assert wait2 < end2 < launch2
 
 
 def test_reference_matmul_and_quantlinear_cpu():
@@ -344,7 +386,8 @@ def test_triton_kernels_in_interpreter():
                                           (3, 128, torch.bfloat16), (4, 128, torch.float16),
                                           (3, 128, torch.float16)])
 def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
-    """Every candidate configuration and the tuned choice; shapes off the tile grid; batch 1..64;
+    """Every candidate configuration (and at batch 1 the row-pair x_once tiles) and the tuned
+    choice; shapes off the tile grid; batch 1..64;
     at batch 1 and group 128 (W3 and W4, fp16 and bf16) also the gated-MLP epilogue of every
     candidate (fewer compiles than at every group size; the epilogue does not see the group)."""
     torch.manual_seed(bits * g)
@@ -357,7 +400,10 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
             ref = _ref(x, q, dtype)
             gated = m == 1 and n % 2 == 0 and g == 128  # the gated-MLP epilogue: rows as (gate, up) pairs
             gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2] if gated else None
-            for c in candidates(kw, m, dtype):
+            extra = []  # the row-pair x_once tiles `decode.py --tiles-ab rg2` adds (late PDL trigger)
+            if m == 1 and half2_ok(kw, dtype):
+                extra = [replace(c, half2=True) for c in GEMV_H2_ROWPAIR_XONCE]
+            for c in candidates(kw, m, dtype) + extra:
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
                 assert _relerr(y, ref) < tol, (n, k, m, c, _relerr(y, ref))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from quantlrm.errors import QuantLRMError
 from quantlrm.kernels.layout import (
     KernelWeight,
     codes_per_lane,
@@ -134,30 +135,33 @@ def pdl_enabled(device: torch.device) -> bool:
     return _hopper_or_later(_device_index(device))
 
 
-def pdl_launch(device: torch.device, late: bool = False) -> dict:
+def pdl_launch(device: torch.device, late: bool | None = None) -> dict:
     """A decode kernel's launch arguments for PDL (its `PDL` constexpr and Triton's
     `launch_pdl`), or none where `pdl_enabled` says no.
 
-    late (the GEMV's row-pair x_once tiles, `late_trigger`): it lets the next kernel launch once
-    all its programs have finished their main loop (PDL 2), not once all have started (PDL 1).
-    Our reading, not profiled: launched early, the next kernel's programs wait on the SMs that
-    freed up first. Measured (BENCHMARKS.md, Kernels, version 13): with those tiles and the early
-    trigger W3 decoded 8% slower than without PDL (H100); with every GEMV triggering late, 6.5%
-    faster than the tiles before them triggering early (H200, same run). On an H100 this rule
-    and the early trigger decoded W3 alike, within the run's order bias.
-    QUANTLRM_PDL_TRIGGER=early or late sets the trigger of every GEMV.
+    late (the half2 GEMV only; None for kernels without the choice): whether it lets the next
+    kernel launch once all its programs have finished their main loop (PDL 2) rather than once
+    all have started (PDL 1). `late_trigger` says which tiles do; QUANTLRM_PDL_TRIGGER=early or
+    late sets it for every GEMV. Our reading of why it matters (not profiled): launched early,
+    the next kernel's programs wait on the SMs that freed up first, and a grid of many small
+    programs then runs on part of the card (BENCHMARKS.md, Kernels, version 13).
     """
     if not pdl_enabled(device):
         return {}
-    force = os.environ.get("QUANTLRM_PDL_TRIGGER", "").lower()
-    if force in ("early", "late"):
-        late = force == "late"
+    if late is not None:
+        force = os.environ.get("QUANTLRM_PDL_TRIGGER", "").strip().lower()
+        if force not in ("", "early", "late"):
+            raise QuantLRMError(f"QUANTLRM_PDL_TRIGGER is {force!r}, which is neither 'early' nor 'late'.",
+                                "set it to early or late, or unset it for the default of each tile.")
+        if force:
+            late = force == "late"
     return dict(PDL=2 if late else 1, launch_pdl=True)
 
 
 def late_trigger(cfg: Config) -> bool:
     """Whether a half2 GEMV tile lets the next kernel launch only after its main loop
-    (`pdl_launch`): the row-pair x_once tiles, the only ones measured to lose to an early trigger."""
+    (`pdl_launch`): the row-pair x_once tiles, which decoded W3 8% slower with the early trigger
+    than without PDL on an H100; others decoded as fast or faster with it (version 13)."""
     return cfg.half2 and cfg.x_once and cfg.row_groups == 2
 
 
@@ -197,10 +201,14 @@ GEMV_H2_CONFIGS = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True)
     for bn, w, u, pf in ((8, 1, 16, True), (4, 1, 16, True), (8, 2, 16, True), (8, 2, 32, True), (4, 1, 32, True),
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
-) + tuple(  # and with row pairs: W3's fastest on every fused 8B shape (gemv_sweep.py --half2 --x-once
-    # --row-groups 2, H100: gate/up 23.5-24.0 us against 28.1). Under PDL they let the next kernel
-    # launch after their main loop (`late_trigger`): with the early trigger W3 decoded 8% slower with
-    # them than without PDL (BENCHMARKS.md, Kernels, version 13)
+)
+# x_once tiles with row pairs: W3's fastest on every fused 8B shape alone (gemv_sweep.py --half2 --x-once
+# --row-groups 2, H100: gate/up 23.5-24.0 us against the tuner's 28.1, with or without the gated
+# epilogue). Not among the tuner's candidates: with PDL's early trigger W3 decoded 8% slower with them
+# than without PDL, and with them triggering late (`late_trigger`) no H100 run has yet shown them faster
+# than the tiles above in the same process (BENCHMARKS.md, Kernels, version 13). `decode.py --tiles-ab
+# rg2` times them.
+GEMV_H2_ROWPAIR_XONCE = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
     for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True), (4, 2, 16, True),
                          (4, 2, 32, True))
