@@ -370,6 +370,9 @@ def main() -> None:
                          "all of them, in the same run; 'rg2': also with the row-pair x_once tiles "
                          "(kernels.GEMV_H2_ROWPAIR_XONCE) added; 'rg2only': only all of them, and all plus those; "
                          "with --pdl-ab, each tile set under each PDL mode")
+    ap.add_argument("--reverse-order", action="store_true",
+                    help="run the A/B variants in reverse order on odd repeats instead of even ones (to split one "
+                         "experiment over two calls with balanced order)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each quantized precision this many times, re-tuning its kernels before each repeat")
     ap.add_argument("--no-fp16-compile", action="store_true",
@@ -498,7 +501,7 @@ def main() -> None:
              "all" if rep > 1 and i == 0 else "m1" if args.tiles_ab else None)
             for p, c, a in runs for rep in range(1, (args.repeats if p != HALF else 1) + 1)
             for i, (tag, env, tiles) in enumerate(
-                (variants[::-1] if rep % 2 == 0 else variants) if p != HALF else [("", {}, all_h2)])]
+                (variants[::-1] if (rep + args.reverse_order) % 2 == 0 else variants) if p != HALF else [("", {}, all_h2)])]
     for prec, comp, attn, tag, env, tiles, retune in runs:
         qk.GEMV_H2_CONFIGS = tiles
         if retune and prec != HALF:

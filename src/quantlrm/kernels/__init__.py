@@ -203,7 +203,7 @@ GEMV_H2_CONFIGS = tuple(
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
 )
 # x_once tiles with row pairs: W3's fastest on every fused 8B shape alone (gemv_sweep.py --half2 --x-once
-# --row-groups 2, H100: gate/up 23.5-24.0 us against the tuner's 28.1, with or without the gated
+# --row-groups 2, H100: gate/up 23.5-24.0 us against the tuner's 28.1; 23.9 against 29.6 with the gated
 # epilogue). Not among the tuner's candidates: with PDL's early trigger W3 decoded 8% slower with them
 # than without PDL, and with them triggering late (`late_trigger`) no H100 run has yet shown them faster
 # than the tiles above in the same process (BENCHMARKS.md, Kernels, version 13). `decode.py --tiles-ab
