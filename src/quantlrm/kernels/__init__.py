@@ -161,7 +161,8 @@ def pdl_launch(device: torch.device, late: bool | None = None) -> dict:
 def late_trigger(cfg: Config) -> bool:
     """Whether a half2 GEMV tile lets the next kernel launch only after its main loop
     (`pdl_launch`): the row-pair x_once tiles, which decoded W3 8% slower with the early trigger
-    than without PDL on an H100; others decoded as fast or faster with it (version 13)."""
+    than without PDL on an H100. The default tiles decoded 3% slower with every GEMV late than
+    with the early trigger (H200; BENCHMARKS.md, Kernels, version 13)."""
     return cfg.half2 and cfg.x_once and cfg.row_groups == 2
 
 

@@ -488,7 +488,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # loading (PREFETCH) its first step's weights. (Without PREFETCH, an L2 prefetch of the first
     # step there changed ptxas's allocation of the W4 gate/up tile, 126 registers to 96 and 11
     # more instructions a step, and W4 decoded 4.8% slower with PDL: BENCHMARKS.md, Kernels,
-    # version 11.)
+    # version 11.) PDL 1 lets the next kernel launch right after the wait; PDL 2 only after the
+    # main loop (`kernels.pdl_launch`).
     # XONCE: the activation pairs are loaded as [1, U, L_PAD] and broadcast, so a thread that
     # holds several rows of a (block, lane) in registers (tiles with few rows and many blocks a
     # step) loads them once for all of those rows. Other tiles keep the whole-tile load: XONCE
