@@ -96,6 +96,16 @@ def install(model, mlps: dict[str, torch.nn.Module], mods: dict[str, torch.nn.Mo
         raise RuntimeError(f"model meant to run {f'W{bits}' if bits else 'dense'} still holds {wrong}-bit linears")
 
 
+PDL_ENV = ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL", "QUANTLRM_PDL_TRIGGER")
+
+
+def set_pdl_env(env: dict[str, str]) -> None:
+    """Clear every PDL setting, then apply `env` (one A/B variant's)."""
+    for name in PDL_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(env)
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -507,10 +517,8 @@ def main() -> None:
         if retune and prec != HALF:
             for key in [k for k in qk._TUNED if k[3] == int(prec[1]) and (retune == "all" or k[0] == 1)]:
                 del qk._TUNED[key]
-        if args.pdl_ab:  # the three cleared, then the variant's (else the caller's stand)
-            for name in ("QUANTLRM_PDL", "QUANTLRM_INDUCTOR_PDL", "QUANTLRM_PDL_TRIGGER"):
-                os.environ.pop(name, None)
-            os.environ.update(env)
+        if args.pdl_ab:  # (else the caller's settings stand)
+            set_pdl_env(env)
         label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "") + tag
         model.config._attn_implementation = attn
         if attn != "sdpa" and not args.no_fused_attention:
@@ -525,10 +533,8 @@ def main() -> None:
         if args.hf_static and (comp or not args.compile):  # once per precision
             r["hf_static_tok_per_s"] = hf_generate_bench(model, prompts_ids[0], args.new_tokens, "static")
         if prec != HALF:  # the tile each linear shape got from the tuner (it times candidates; noisy)
-            from quantlrm.kernels import _TUNED
-
             r["tuned"] = {f"m{key[0]} {key[1]}x{key[2]} W{key[3]} g{key[4]}" + (" act" if key[-1] else ""): describe(c)
-                          for key, c in _TUNED.items() if key[3] == int(prec[1])}
+                          for key, c in qk._TUNED.items() if key[3] == int(prec[1])}
         res["decode"][label] = r
         dump()
         print(f"decode {label}: median {r['median_latency_s'] * 1e3:.0f} ms / {args.new_tokens} tokens = "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, describe, graph_time  # noqa: E402
+from decode import copy_bandwidth, describe, graph_time, set_pdl_env  # noqa: E402
 from gemv_sweep import random_layout  # noqa: E402
 
 MODES = {"nopdl": {"QUANTLRM_PDL": "0"}, "early": {"QUANTLRM_PDL_TRIGGER": "early"},
@@ -41,12 +40,6 @@ def _probe_kernel(sm_ptr):
     tl.store(sm_ptr + pid, sm)
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
-
-
-def set_mode(mode: str) -> None:
-    for name in ("QUANTLRM_PDL", "QUANTLRM_PDL_TRIGGER"):
-        os.environ.pop(name, None)
-    os.environ.update(MODES[mode])
 
 
 def main() -> None:
@@ -86,7 +79,7 @@ def main() -> None:
     times = {m: [] for m in MODES}
     for r in range(args.repeats):
         for m in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
-            set_mode(m)
+            set_pdl_env(MODES[m])
             times[m].append(graph_time(chain) / len(gu))
     res = dict(device=torch.cuda.get_device_name(), copy_bandwidth_GBps=peak / 1e9, args=vars(args),
                tiles={"gate_up": describe(c_gu), "down": describe(c_dn)}, bytes_per_chain=nbytes, modes={})
@@ -101,18 +94,18 @@ def main() -> None:
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     sm = torch.full((args.probe_programs,), -1, device=dev, dtype=torch.int32)
     for m in ("early", "late"):
-        set_mode(m)
+        set_pdl_env(MODES[m])
+        def step():
+            run_config(x, gu[0], c_gu, True)
+            _probe_kernel[(args.probe_programs,)](sm, num_warps=c_dn.num_warps, launch_pdl=True)
+
+        step()  # compiles outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
         counts = []
         for _ in range(args.repeats):
-            def step():
-                run_config(x, gu[0], c_gu, True)
-                _probe_kernel[(args.probe_programs,)](sm, num_warps=c_dn.num_warps, launch_pdl=True)
-
-            g = torch.cuda.CUDAGraph()
-            step()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(g):
-                step()
             g.replay()
             torch.cuda.synchronize()
             per_sm = torch.bincount(sm.long(), minlength=n_sm)
