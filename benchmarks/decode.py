@@ -377,9 +377,9 @@ def main() -> None:
                          "and only after its main loop (=late)")
     ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only"),
                     help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
-                         "all of them, in the same run; 'rg2': also with the row-pair x_once tiles "
-                         "(kernels.GEMV_H2_ROWPAIR_XONCE) added; 'rg2only': only all of them, and all plus those; "
-                         "with --pdl-ab, each tile set under each PDL mode")
+                         "all of them, in the same run; 'rg2': also with all but the row-pair x_once tiles "
+                         "(kernels.GEMV_H2_ROWPAIR_XONCE; version 13's default); 'rg2only': only all of them, and all "
+                         "but those; with --pdl-ab, each tile set under each PDL mode")
     ap.add_argument("--reverse-order", action="store_true",
                     help="run the A/B variants in reverse order on odd repeats instead of even ones (to split one "
                          "experiment over two calls with balanced order)")
@@ -496,7 +496,7 @@ def main() -> None:
     variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
     if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, then all of them
         tile_sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("", all_h2),
-                     ("+xonce_rg2", all_h2 + qk.GEMV_H2_ROWPAIR_XONCE)]  # and with the row-pair x_once tiles
+                     ("-xonce_rg2", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWPAIR_XONCE))]
         tile_sets = {"1": tile_sets[:2], "rg2": tile_sets, "rg2only": tile_sets[1:]}[args.tiles_ab]
         # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
         variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets for ptag, env in pdl_modes.items()]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from quantlrm.errors import QuantLRMError
-from quantlrm.kernels import GEMV_H2_ROWPAIR_XONCE, candidates, half2_ok, qmatmul, run_config
+from quantlrm.kernels import candidates, half2_ok, qmatmul, run_config
 from quantlrm.kernels import layout as L
 from quantlrm.quantizer import quantize
 
@@ -145,7 +145,8 @@ def test_pdl_trigger_is_late_for_the_row_pair_x_once_tiles_only(monkeypatch):
     monkeypatch.setattr(qk, "pdl_enabled", lambda device: True)
     monkeypatch.delenv("QUANTLRM_PDL_TRIGGER", raising=False)
     assert all(qk.late_trigger(replace(c, half2=True)) for c in qk.GEMV_H2_ROWPAIR_XONCE)
-    assert not any(qk.late_trigger(replace(c, half2=True)) for c in qk.GEMV_H2_CONFIGS)
+    late = [c for c in qk.GEMV_H2_CONFIGS if qk.late_trigger(replace(c, half2=True))]
+    assert late == list(qk.GEMV_H2_ROWPAIR_XONCE)  # candidates; every other tile triggers early
     assert qk.pdl_launch(cpu, late=True) == {"PDL": 2, "launch_pdl": True}
     assert qk.pdl_launch(cpu, late=False) == qk.pdl_launch(cpu) == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "early")
@@ -387,7 +388,7 @@ def test_triton_kernels_in_interpreter():
                                           (3, 128, torch.bfloat16), (4, 128, torch.float16),
                                           (3, 128, torch.float16)])
 def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
-    """Every candidate configuration (and at batch 1 the row-pair x_once tiles) and the tuned
+    """Every candidate configuration (at batch 1 the row-pair x_once tiles among them) and the tuned
     choice; shapes off the tile grid; batch 1..64;
     at batch 1 and group 128 (W3 and W4, fp16 and bf16) also the gated-MLP epilogue of every
     candidate (fewer compiles than at every group size; the epilogue does not see the group)."""
@@ -401,10 +402,7 @@ def test_gpu_kernels_match_dequant_matmul(bits, g, dtype):
             ref = _ref(x, q, dtype)
             gated = m == 1 and n % 2 == 0 and g == 128  # the gated-MLP epilogue: rows as (gate, up) pairs
             gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2] if gated else None
-            extra = []  # the row-pair x_once tiles `decode.py --tiles-ab rg2` adds (late PDL trigger)
-            if m == 1 and half2_ok(kw, dtype):
-                extra = [replace(c, half2=True) for c in GEMV_H2_ROWPAIR_XONCE]
-            for c in candidates(kw, m, dtype) + extra:
+            for c in candidates(kw, m, dtype):
                 y = run_config(x, kw, c)
                 assert torch.isfinite(y).all(), (n, k, m, c)
                 assert _relerr(y, ref) < tol, (n, k, m, c, _relerr(y, ref))

@@ -161,8 +161,8 @@ def pdl_launch(device: torch.device, late: bool | None = None) -> dict:
 def late_trigger(cfg: Config) -> bool:
     """Whether a half2 GEMV tile lets the next kernel launch only after its main loop
     (`pdl_launch`): the row-pair x_once tiles, which decoded W3 8% slower with the early trigger
-    than without PDL on an H100. The default tiles decoded 3% slower with every GEMV late than
-    with the early trigger (H200; BENCHMARKS.md, Kernels, version 13)."""
+    than without PDL on an H100. The other tiles decoded 3-5% slower with every GEMV late than
+    with the early trigger (H200 and H100; BENCHMARKS.md, Kernels, versions 13-14)."""
     return cfg.half2 and cfg.x_once and cfg.row_groups == 2
 
 
@@ -204,16 +204,17 @@ GEMV_H2_CONFIGS = tuple(
                          (4, 1, 8, True), (4, 2, 16, True), (2, 1, 16, True), (2, 1, 8, False))
 )
 # x_once tiles with row pairs: W3's fastest on every fused 8B shape alone (gemv_sweep.py --half2 --x-once
-# --row-groups 2, H100: gate/up 23.5-24.0 us against the tuner's 28.1; 23.9 against 29.6 with the gated
-# epilogue). Not among the tuner's candidates: with PDL's early trigger W3 decoded 8% slower with them
-# than without PDL, and with them triggering late (`late_trigger`) no H100 run has yet shown them faster
-# than the tiles above in the same process (BENCHMARKS.md, Kernels, version 13). `decode.py --tiles-ab
-# rg2` times them.
+# --row-groups 2, H100: gate/up 23.5-24.0 us against 28.1 for the tuner's tile before them; 23.9 against 29.6
+# with the gated epilogue). Among the candidates since version 14, with the late PDL trigger
+# (`late_trigger`): with the early one W3 decoded 8% slower with them than without PDL; with the late one,
+# 2.5% and 4.4% faster than without them in two H100 processes and 6.5% on an H200 (BENCHMARKS.md,
+# Kernels, versions 13-14). `decode.py --tiles-ab rg2only` times the set without them.
 GEMV_H2_ROWPAIR_XONCE = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
     for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True), (4, 2, 16, True),
                          (4, 2, 32, True))
 )
+GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWPAIR_XONCE
 
 
 # Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
