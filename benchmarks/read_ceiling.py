@@ -1,0 +1,113 @@
+"""How much of the copy bandwidth a plain streaming read reaches at each GEMV's byte count (GPU
+machine), next to the tuned GEMV on the same bytes in the same run.
+
+The issue's goal measures the GEMV against the card's copy bandwidth (a 2 GiB copy). A W3
+o_proj is 6.8 MB: a kernel that reads it starts with nothing in flight and ends with a tail,
+and at ~3 TB/s that ramp is a large part of ~2.3 us. This asks what a kernel that does nothing
+but read those bytes reaches, timed the way `gemv_sweep.py` times the GEMV: one launch per copy
+of the bytes, enough copies to overflow L2, all in one CUDA graph. The read kernel is the best
+of a small grid of tiles (vector loads, several loads in flight per thread), with and without
+a PDL launch that waits for the kernel before it (as a GEMV that depends on its activations
+does); `torch.Tensor.copy_` of the same bytes is a second reference (read and write counted).
+
+    PYTHONPATH=src python3 benchmarks/read_ceiling.py --out read_ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import copy_bandwidth, describe, graph_time, set_pdl_env  # noqa: E402
+from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
+
+
+@triton.jit
+def _read_kernel(p_ptr, out_ptr, n_words, BLOCK: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
+    """Each program reads STEPS * BLOCK int32 words (all loads issued before any is used) and
+    stores their sum, so nothing is optimised away."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * STEPS)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in tl.static_range(STEPS):
+        offs = base + s * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(p_ptr + offs, mask=offs < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
+
+
+READ_TILES = [dict(BLOCK=b, STEPS=s, num_warps=w)
+              for b, s, w in itertools.product((1024, 2048, 4096), (1, 2, 4, 8), (4, 8))
+              if b // (32 * w) >= 4]  # at least one 16-byte load per thread per step
+
+
+def read_time(bufs: list[torch.Tensor], tile: dict, pdl: bool) -> float:
+    n = bufs[0].numel()
+    grid = (triton.cdiv(n, tile["BLOCK"] * tile["STEPS"]),)
+    out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+    extra = dict(launch_pdl=True) if pdl else {}
+    return graph_time(lambda: [_read_kernel[grid](b, out, n, PDL=pdl, **tile, **extra) for b in bufs]) / len(bufs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bits", default="3,4")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--shapes", default=",".join(FUSED_SHAPES))
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--out", default="read_ceiling.json")
+    args = ap.parse_args()
+
+    from quantlrm.kernels import pdl_enabled, run_config, tune
+
+    dev = torch.device("cuda")
+    peak = copy_bandwidth()
+    pdl_ok = pdl_enabled(dev)
+    res = dict(device=torch.cuda.get_device_name(), copy_bandwidth_GBps=peak / 1e9, args=vars(args),
+               pdl_available=pdl_ok, rows=[])
+    print(f"{res['device']}: copy bandwidth {peak / 1e9:.0f} GB/s; PDL {'on' if pdl_ok else 'unavailable'}", flush=True)
+    for bits in (int(b) for b in args.bits.split(",")):
+        for short in args.shapes.split(","):
+            n, k = FUSED_SHAPES[short]
+            kws = random_layout(n, k, bits, args.group_size, args.copies)
+            x = torch.randn(1, k, device=dev, dtype=torch.float16)
+            nbytes = kws[0].nbytes() + 2 * (n + k)  # as gemv_sweep.py counts: weights, scales, zeros, x, y
+            act = short == "gate_up_proj"  # the fused MLP's SiLU * up store, as decode runs it
+            set_pdl_env({})
+            chosen, _, _ = tune(x, kws[0], act=act)
+            t_gemv = graph_time(lambda kws=kws, x=x, c=chosen, a=act: [run_config(x, kw, c, a) for kw in kws]) / len(kws)
+            bufs = [torch.randint(-2**31, 2**31 - 1, ((nbytes + 3) // 4,), dtype=torch.int32, device=dev)
+                    for _ in kws]
+            reads = {}
+            for pdl in (False, True) if pdl_ok else (False,):
+                best = min(((read_time(bufs, t, pdl), t) for t in READ_TILES), key=lambda r: r[0])
+                reads["pdl" if pdl else "nopdl"] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak, tile=best[1])
+            dst = [torch.empty_like(b) for b in bufs]
+            t_copy = graph_time(lambda dst=dst, bufs=bufs: [d.copy_(b) for d, b in zip(dst, bufs, strict=True)]) / len(bufs)
+            row = dict(bits=bits, linear=short, bytes=nbytes, copies=len(kws),
+                       gemv=dict(us=t_gemv * 1e6, frac=nbytes / t_gemv / peak, tile=describe(chosen)),
+                       read=reads, copy=dict(us=t_copy * 1e6, frac=2 * nbytes / t_copy / peak))
+            best_read = min(r["us"] for r in reads.values())
+            row["gemv_over_best_read"] = best_read / row["gemv"]["us"]
+            res["rows"].append(row)
+            print(f"W{bits} {short} ({nbytes / 1e6:.1f} MB): GEMV {row['gemv']['us']:.1f} us "
+                  f"({row['gemv']['frac']:.0%}); read " + ", ".join(
+                      f"{m} {r['us']:.1f} us ({r['frac']:.0%})" for m, r in reads.items())
+                  + f"; copy_ {row['copy']['us']:.1f} us ({row['copy']['frac']:.0%}); "
+                  f"GEMV at {row['gemv_over_best_read']:.0%} of the best read's speed", flush=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
+            del kws, bufs, dst
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
