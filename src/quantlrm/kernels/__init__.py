@@ -71,8 +71,7 @@ class Config:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
     `_gemv_h2_kernel`; row_groups 2: a row pair per thread; x_once: the activations loaded once
-    for all of a thread's rows, for tiles that put several rows in a thread; l2_ahead: a
-    program asks L2 for the words of the program that many after it); gemm:
+    for all of a thread's rows, for tiles that put several rows in a thread); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
 
@@ -86,7 +85,6 @@ class Config:
     blocks_per_step: int = 1
     row_groups: int = 1
     x_once: bool = False
-    l2_ahead: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -400,7 +398,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once, L2A=cfg.l2_ahead,
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once,
                                      **pdl_launch(x2.device, late=late_trigger(cfg)), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]

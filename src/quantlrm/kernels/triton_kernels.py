@@ -462,14 +462,6 @@ def _launch_dependents(PDL: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch(ptrs):
-    """Ask for the lines at `ptrs` to be brought into L2 (PTX prefetch.global.L2): no register
-    waits for them, so a program can have more of its weights on the way than it holds."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64, bitcast=True)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     N, K, n_blocks, blocks_per_split, stride_s,
                     BITS: tl.constexpr, P: tl.constexpr, B: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
@@ -477,7 +469,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
                     EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
-                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False, L2A: tl.constexpr = 0):
+                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -502,14 +494,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # holds several rows of a (block, lane) in registers (tiles with few rows and many blocks a
     # step) loads them once for all of those rows. Other tiles keep the whole-tile load: XONCE
     # made some of them longer (a W4 row-pair tile from 358 to 554 SASS instructions a step).
-    # L2A > 0: after its first step's loads, a program asks L2 for the words of the program L2A after it
-    # in the grid (all of its blocks of this split, one prefetch per block of each row: a block
-    # is at most 64 bytes, so every 128-byte line gets one). With the row-pair x_once tiles a
-    # W3 gate/up program walks only two steps, so its own prefetch hides little; a program
-    # of a later wave could find its words in L2. (A W3 GEMV ran at 62-66% of the speed of a
-    # plain read of the same bytes: benchmarks/read_ceiling.py.)
     # EMULATE: the PTX pair in plain Triton, for the CPU interpreter (which cannot run
-    # inline assembly; L2A is ignored there).
+    # inline assembly).
     # The 16-bit sum of a word row's products (H pairs, plus 3 bits' spare slot in the last row)
     # is widened to fp32 once per row, as long a 16-bit sum as a one-row word of H pairs. (Once
     # per three-word lane in fp16 was 1% faster end to end, within noise, and halved the
@@ -538,11 +524,6 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         if RG == 2:
             m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
-    if L2A > 0 and not EMULATE:  # the words of the program L2A ahead, into L2
-        rows_l2 = tl.minimum((tl.program_id(0) + L2A) * (BLOCK_N * RG) + tl.arange(0, BLOCK_N * RG), N - 1)
-        p_l2 = p_ptr + rows_l2[:, None] * (n_blocks * W)
-        for blk in range(b_begin, b_end, U):
-            _l2_prefetch(p_l2 + tl.minimum(blk + tl.arange(0, U)[None, :], n_blocks - 1) * W)
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync(PDL)
     for blk in range(b_begin, b_end, U):
