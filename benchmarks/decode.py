@@ -150,8 +150,7 @@ def module_bytes(m) -> int:
 def describe(c) -> str:
     """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
     return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
-            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}" + (" x_once" if c.x_once else "")
-            + (f" maxnreg{c.maxnreg}" if c.maxnreg else ""))
+            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}" + (" x_once" if c.x_once else ""))
 
 
 def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:

@@ -71,8 +71,7 @@ class Config:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
     `_gemv_h2_kernel`; row_groups 2: a row pair per thread; x_once: the activations loaded once
-    for all of a thread's rows, for tiles that put several rows in a thread; maxnreg: a cap on
-    registers a thread, 0 for ptxas's choice); gemm:
+    for all of a thread's rows, for tiles that put several rows in a thread); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
 
@@ -86,7 +85,6 @@ class Config:
     blocks_per_step: int = 1
     row_groups: int = 1
     x_once: bool = False
-    maxnreg: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -382,8 +380,6 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
          else torch.empty(m, n // 2 if fused_act else n, dtype=x2.dtype, device=x2.device))
     common = dict(num_warps=cfg.num_warps, **_layout_args(kw))
-    if cfg.maxnreg:  # ptxas's register cap: more programs per SM, perhaps spills
-        common["maxnreg"] = cfg.maxnreg
     if cfg.kind == "gemv":
         grid = (tk.cdiv(n, rows), split)
         gb = 0 if kw.group_size == k else kw.group_size // kw.block  # blocks per group (0: one group)
