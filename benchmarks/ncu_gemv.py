@@ -1,10 +1,12 @@
 """The batch-1 GEMVs of the fused 8B shapes with fixed tiles, for Nsight Compute (GPU machine).
 
-Runs each shape's tile (the tuner's choices of BENCHMARKS.md, Kernels, version 9) a few
-times, nothing else, so a profiler can pick the launches out:
+Runs each shape's tile (the tuner's choices of BENCHMARKS.md, Kernels, version 9; with --v14,
+version 14's) a few times, nothing else, so a profiler can pick the launches out:
 
     ncu -k regex:_gemv_h2 --launch-skip 4 --launch-count 4 --set full \\
         python3 benchmarks/ncu_gemv.py --bits 3
+    ncu -k regex:_gemv_h2 --launch-skip 3 --launch-count 3 --set full -o v14 \\
+        python3 benchmarks/ncu_gemv.py --v14
 """
 
 from __future__ import annotations
@@ -18,19 +20,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
+from quantlrm.kernels import Config  # noqa: E402
+
 # (rows, warps, split-K, blocks per step) of the tuner's version-9 choices on the H100
 TILES = {"gate_up_proj": (16, 2, 1, 4), "down_proj": (32, 4, 8, 1), "qkv_proj": (32, 8, 4, 2), "o_proj": (64, 8, 8, 1)}
+
+# (shape, bits, tile): version 14's choices (BENCHMARKS.md, Kernels; pdl_chain.py's row-pair tiles)
+V14 = [(s, b, Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=rg,
+                     half2=True))
+       for s, b, bn, w, u, pf, rg in (("gate_up_proj", 3, 4, 4, 16, True, 2), ("down_proj", 3, 2, 2, 16, True, 2),
+                                      ("gate_up_proj", 4, 2, 1, 8, False, 1))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--v14", action="store_true",
+                    help="instead: version 14's row-pair x_once tiles of W3 gate/up and down_proj, then W4 gate/up's "
+                         "one-row x_once tile (the tuner's choices on H100s; --bits is ignored)")
     args = ap.parse_args()
-    from quantlrm.kernels import Config, run_config
+    from quantlrm.kernels import run_config
 
     cases = []  # one weight per shape, made once (the launches are what the profiler picks out)
-    for short, (n, k) in FUSED_SHAPES.items():
+    if args.v14:
+        for short, bits, cfg in V14:
+            n, k = FUSED_SHAPES[short]
+            cases.append((short, random_layout(n, k, bits, 128, 1, min_bytes=0)[0],
+                          torch.randn(1, k, device="cuda", dtype=torch.float16), cfg))
+    for short, (n, k) in FUSED_SHAPES.items() if not args.v14 else ():
         bn, w, sk, u = TILES[short]
         cases.append((short, random_layout(n, k, args.bits, 128, 1, min_bytes=0)[0],
                       torch.randn(1, k, device="cuda", dtype=torch.float16),
