@@ -207,8 +207,9 @@ GEMV_H2_CONFIGS = tuple(
 # --row-groups 2, H100: gate/up 23.5-24.0 us against 28.1 for the tuner's tile before them; 23.9 against 29.6
 # with the gated epilogue). Among the candidates since version 14, with the late PDL trigger
 # (`late_trigger`): with the early one W3 decoded 8% slower with them than without PDL; with the late one,
-# 2.5% and 4.4% faster than without them in two H100 processes and 6.5% on an H200 (BENCHMARKS.md,
-# Kernels, versions 13-14). `decode.py --tiles-ab rg2only` times the set without them.
+# faster than without them in both of two H100 processes (349.4 and 360.2 tok/s against 321.4-344.9 for
+# four runs of the set without them) and by 6.5% on an H200 (BENCHMARKS.md, Kernels, versions 13-14).
+# `decode.py --tiles-ab rg2only` times the set without them.
 GEMV_H2_ROWPAIR_XONCE = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
     for bn, w, u, pf in ((4, 2, 8, True), (4, 4, 16, True), (2, 1, 16, False), (2, 2, 16, True), (4, 2, 16, True),
