@@ -17,7 +17,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -111,11 +110,6 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             best = None
             rgs = (args.row_groups,) if args.row_groups else (1,)
             tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
-            if args.word_rows:  # the tuner's choice and its x_once candidates, each in both word orders
-                from quantlrm.kernels import GEMV_H2_CONFIGS
-
-                base = [chosen] + [replace(c, half2=True) for c in GEMV_H2_CONFIGS if c.x_once]
-                tiles = [replace(c, word_rows=o) for c in dict.fromkeys(base) for o in (False, True)]
             for c in tiles:
                 if args.row_groups and c.row_groups != args.row_groups:
                     continue
@@ -149,9 +143,6 @@ def main() -> None:
                     help="--half2: the fused shapes to sweep")
     ap.add_argument("--x-once", action="store_true",
                     help="--half2: only the tiles that load the activations once for a thread's rows")
-    ap.add_argument("--word-rows", action="store_true",
-                    help="--half2: instead of the grid, the tuner's choice and its x_once candidates, each reading the "
-                         "words in today's order and in word-row order (Config.word_rows; random words, so timing only)")
     ap.add_argument("--act", action="store_true",
                     help="--half2: time gate_up_proj (and tune it) with the gated-MLP epilogue, as the fused MLP runs")
     ap.add_argument("--group-size", type=int, default=128)

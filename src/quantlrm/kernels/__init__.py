@@ -85,7 +85,6 @@ class Config:
     blocks_per_step: int = 1
     row_groups: int = 1
     x_once: bool = False
-    word_rows: bool = False  # experiment: the packed words in word-row order (not the product's layout)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -400,7 +399,7 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
             tk._gemv_h2_kernel[grid](pairs, kw.packed, kw.scale, kw.zero, y, wsp, cnt, n, k, nb, per,
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-                                     BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once, WROW=cfg.word_rows,
+                                     BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once,
                                      **pdl_launch(x2.device, late=late_trigger(cfg)), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]

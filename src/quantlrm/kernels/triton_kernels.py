@@ -71,26 +71,6 @@ def _load_words(pw, mask, L: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr
 
 
 @triton.jit
-def _load_step_words(pw, mask, L: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr, WROW: tl.constexpr, n_blocks):
-    """`_load_words`, or with WROW (experiment: word row t of every block of a row stored
-    together) the word rows n_blocks * L words apart."""
-    if WROW:
-        ts = n_blocks * L
-        if MASKED:
-            w0 = tl.load(pw, mask=mask, other=0)
-            w1 = tl.load(pw + ts, mask=mask, other=0)
-            w2 = tl.load(pw + 2 * ts, mask=mask, other=0)
-        else:
-            w0 = tl.load(pw)
-            w1 = tl.load(pw + ts)
-            w2 = tl.load(pw + 2 * ts)
-        w0, w1, w2 = w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True), w2.to(tl.uint32, bitcast=True)
-    else:
-        w0, w1, w2 = _load_words(pw, mask, L, T, MASKED)
-    return w0, w1, w2
-
-
-@triton.jit
 def _word_row(w0, w1, w2, tr: tl.constexpr):
     """Word row `tr` of a lane tile loaded by `_load_words` (tr a compile-time constant)."""
     w = w2
@@ -489,7 +469,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
                     EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
-                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False, WROW: tl.constexpr = False):
+                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -532,18 +512,17 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     zero3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.uint32)
     acc3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)  # reduced once, at the end
-    BS: tl.constexpr = L if WROW else W  # words from a block to the next (experiment)
-    pw0 = p_ptr + r3 * (n_blocks * W) + uu * BS + jj  # contiguous rows (see `_gemv_kernel`)
+    pw0 = p_ptr + r3 * (n_blocks * W) + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
     wmask = (r3 < N) & (jj < L)
     if RG == 2:  # the odd rows
         acc3b = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
         pw0b = pw0 + n_blocks * W
         wmaskb = (r3 + 1 < N) & (jj < L)
     if PREFETCH:  # the first step's words, scales and zero points
-        n0, n1, n2 = _load_step_words(pw0 + b_begin * BS, wmask & (b_begin + uu < b_end), L, T, True, WROW, n_blocks)
+        n0, n1, n2 = _load_words(pw0 + b_begin * W, wmask & (b_begin + uu < b_end), L, T, True)
         n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, b_begin, b_end, N, U, GB)
         if RG == 2:
-            m0, m1, m2 = _load_step_words(pw0b + b_begin * BS, wmaskb & (b_begin + uu < b_end), L, T, True, WROW, n_blocks)
+            m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
             m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync(PDL)
@@ -551,20 +530,20 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2 = n0, n1, n2
             s, z = n_s, n_z
-            n0, n1, n2 = _load_step_words(pw0 + (blk + U) * BS, wmask & (blk + U + uu < b_end), L, T, True, WROW, n_blocks)
+            n0, n1, n2 = _load_words(pw0 + (blk + U) * W, wmask & (blk + U + uu < b_end), L, T, True)
             n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk + U, b_end, N, U, GB)
             if RG == 2:
                 v0, v1, v2 = m0, m1, m2
                 sb, zb = m_s, m_z
-                m0, m1, m2 = _load_step_words(pw0b + (blk + U) * BS, wmaskb & (blk + U + uu < b_end), L, T, True, WROW, n_blocks)
+                m0, m1, m2 = _load_words(pw0b + (blk + U) * W, wmaskb & (blk + U + uu < b_end), L, T, True)
                 m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk + U, b_end, N, U, GB)
         else:
-            w0, w1, w2 = _load_step_words(pw0 + blk * BS, wmask & (blk + uu < b_end), L, T,
-                                     not (FULL and EVEN_N and L == L_PAD), WROW, n_blocks)
+            w0, w1, w2 = _load_words(pw0 + blk * W, wmask & (blk + uu < b_end), L, T,
+                                     not (FULL and EVEN_N and L == L_PAD))
             s, z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U, GB)
             if RG == 2:
-                v0, v1, v2 = _load_step_words(pw0b + blk * BS, wmaskb & (blk + uu < b_end), L, T,
-                                         not (FULL and EVEN_N and L == L_PAD), WROW, n_blocks)
+                v0, v1, v2 = _load_words(pw0b + blk * W, wmaskb & (blk + uu < b_end), L, T,
+                                         not (FULL and EVEN_N and L == L_PAD))
                 sb, zb = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk, b_end, N, U, GB)
         s = s.to(tl.float32)[:, :, None]
         if not BF16:
