@@ -106,6 +106,18 @@ def set_pdl_env(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
+def tile_sets(mode: str) -> list[tuple[str, tuple]]:
+    """`--tiles-ab`'s (tag, half2 tiles) variants: '1', the default candidates without the x_once
+    tiles and all of them; 'rg2', also all but the row-pair x_once tiles; 'rg2only', only the last
+    two."""
+    import quantlrm.kernels as qk
+
+    all_h2 = qk.GEMV_H2_CONFIGS
+    sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("", all_h2),
+            ("-xonce_rg2", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWPAIR_XONCE))]
+    return {"1": sets[:2], "rg2": sets, "rg2only": sets[1:]}[mode]
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -494,12 +506,9 @@ def main() -> None:
 
     all_h2 = qk.GEMV_H2_CONFIGS
     variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
-    if args.tiles_ab:  # the tuner's half2 tiles without the x_once ones, then all of them
-        tile_sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("", all_h2),
-                     ("-xonce_rg2", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWPAIR_XONCE))]
-        tile_sets = {"1": tile_sets[:2], "rg2": tile_sets, "rg2only": tile_sets[1:]}[args.tiles_ab]
-        # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
-        variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets for ptag, env in pdl_modes.items()]
+    if args.tiles_ab:  # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
+        variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets(args.tiles_ab)
+                    for ptag, env in pdl_modes.items()]
     # --repeats: each quantized precision's runs again, the tuner's choices for it forgotten first
     # (they vary between processes), so one call shows the spread a single run hides; --tiles-ab
     # re-tunes before every variant; --tiles-ab and --pdl-ab run their variants in reverse order on

@@ -82,3 +82,17 @@ def test_describe_names_every_field_of_a_tile():
     text = [D.describe(c) for c in tiles]
     assert len(set(text)) == len(tiles)
     assert "m32 n64" in text[-2] and "sk2" in text[-2] and "x32=True" in text[-1]
+
+
+def test_tiles_ab_sets_differ_by_exactly_the_tiles_they_name():
+    """`--tiles-ab` compares tile sets; each must drop exactly its tiles from the default candidates."""
+    from quantlrm.kernels import GEMV_H2_CONFIGS, GEMV_H2_ROWPAIR_XONCE
+
+    sets = dict(D.tile_sets("rg2"))
+    assert sets[""] == GEMV_H2_CONFIGS
+    assert set(GEMV_H2_CONFIGS) - set(sets["-xonce_rg2"]) == set(GEMV_H2_ROWPAIR_XONCE)
+    assert len(sets["-xonce_rg2"]) == len(GEMV_H2_CONFIGS) - len(GEMV_H2_ROWPAIR_XONCE)
+    assert sets["+no_xonce"] and not any(c.x_once for c in sets["+no_xonce"])
+    assert len(sets["+no_xonce"]) < len(sets["-xonce_rg2"])
+    assert [t for t, _ in D.tile_sets("rg2only")] == ["", "-xonce_rg2"]
+    assert [t for t, _ in D.tile_sets("1")] == ["+no_xonce", ""]

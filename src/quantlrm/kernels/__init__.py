@@ -162,7 +162,8 @@ def late_trigger(cfg: Config) -> bool:
     """Whether a half2 GEMV tile lets the next kernel launch only after its main loop
     (`pdl_launch`): the row-pair x_once tiles, which decoded W3 8% slower with the early trigger
     than without PDL on an H100. The other tiles decoded 3-5% slower with every GEMV late than
-    with the early trigger (H200 and H100; BENCHMARKS.md, Kernels, versions 13-14)."""
+    with the early trigger forced (H200 and H100), about the spread of identical variants
+    (BENCHMARKS.md, Kernels, versions 13-14)."""
     return cfg.half2 and cfg.x_once and cfg.row_groups == 2
 
 
@@ -208,7 +209,8 @@ GEMV_H2_CONFIGS = tuple(
 # with the gated epilogue). Among the candidates since version 14, with the late PDL trigger
 # (`late_trigger`): with the early one W3 decoded 8% slower with them than without PDL; with the late one,
 # faster than without them in both of two H100 processes (349.4 and 360.2 tok/s against 321.4-344.9 for
-# four runs of the set without them) and by 6.5% on an H200 (BENCHMARKS.md, Kernels, versions 13-14).
+# four runs of the set without them) and by 6.5% on an H200, though 2.2% behind forcing them early in one
+# H100 run (BENCHMARKS.md, Kernels, versions 13-14).
 # `decode.py --tiles-ab rg2only` times the set without them.
 GEMV_H2_ROWPAIR_XONCE = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=2)
