@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, graph_time  # noqa: E402
+from decode import copy_bandwidth, graph_time, per_copy_time  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
 
@@ -90,7 +90,7 @@ def x_once_grid(lanes: int, n_blocks: int, row_groups: tuple[int, ...] = (1,)):
 
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
     """Every half2 tile on the fused shapes, against the tuner's own choice from its candidates."""
-    from quantlrm.kernels import run_config, tune
+    from quantlrm.kernels import tune
 
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     for bi, bits in enumerate(args.bits):
@@ -105,7 +105,7 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             nbytes = kws[0].nbytes() + 2 * (n + k)
             act = args.act and short == "gate_up_proj"  # the fused MLP's SiLU * up store, as decode runs it
             chosen, _, _ = tune(x, kws[0], act=act)
-            t = graph_time(lambda kws=kws, x=x, c=chosen, a=act: [run_config(x, kw, c, a) for kw in kws]) / len(kws)
+            t = per_copy_time(x, kws, chosen, act)
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
             rgs = (args.row_groups,) if args.row_groups else (1,)
@@ -117,7 +117,7 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
                     break
                 try:
-                    t = graph_time(lambda kws=kws, x=x, c=c, a=act: [run_config(x, kw, c, a) for kw in kws]) / len(kws)
+                    t = per_copy_time(x, kws, c, act)
                 except Exception as e:  # noqa: BLE001 -- a config that does not compile is reported
                     res["rows"].append(dict(bits=bits, linear=short, config=repr(c), error=repr(e)[:200]))
                     continue
@@ -155,7 +155,7 @@ def main() -> None:
     if args.x_once and not args.half2:
         ap.error("--x-once sweeps half2 tiles: pass --half2 too")
 
-    from quantlrm.kernels import GEMV_CONFIGS, Config, run_config
+    from quantlrm.kernels import GEMV_CONFIGS, Config
 
     t0 = time.time()
     peak = copy_bandwidth()
@@ -193,7 +193,7 @@ def main() -> None:
                 for split in (1, 2, 4, 8) if n / cfg.block_n < 1024 else (1,):  # few programs: try split-K
                     c = Config("gemv", block_n=cfg.block_n, num_warps=cfg.num_warps, x32=cfg.x32, split_k=split)
                     try:
-                        t = graph_time(lambda kws=kws, x=x, c=c: [run_config(x, kw, c) for kw in kws]) / len(kws)
+                        t = per_copy_time(x, kws, c)
                     except Exception as e:  # noqa: BLE001 -- a config that does not compile is reported
                         res["rows"].append(dict(bits=bits, linear=short, config=c.__dict__, error=repr(e)[:200]))
                         continue

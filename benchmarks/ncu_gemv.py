@@ -43,16 +43,13 @@ def main() -> None:
     from quantlrm.kernels import run_config
 
     cases = []  # one weight per shape, made once (the launches are what the profiler picks out)
-    if args.v14:
-        for short, bits, cfg in V14:
-            n, k = FUSED_SHAPES[short]
-            cases.append((short, random_layout(n, k, bits, 128, 1, min_bytes=0)[0],
-                          torch.randn(1, k, device="cuda", dtype=torch.float16), cfg))
-    for short, (n, k) in FUSED_SHAPES.items() if not args.v14 else ():
-        bn, w, sk, u = TILES[short]
-        cases.append((short, random_layout(n, k, args.bits, 128, 1, min_bytes=0)[0],
-                      torch.randn(1, k, device="cuda", dtype=torch.float16),
-                      Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, half2=True)))
+    tiles = V14 if args.v14 else [(short, args.bits, Config("gemv", block_n=bn, num_warps=w, split_k=sk,
+                                                             blocks_per_step=u, half2=True))
+                                  for short, (bn, w, sk, u) in TILES.items()]
+    for short, bits, cfg in tiles:
+        n, k = FUSED_SHAPES[short]
+        cases.append((short, random_layout(n, k, bits, 128, 1, min_bytes=0)[0],
+                      torch.randn(1, k, device="cuda", dtype=torch.float16), cfg))
     for rep in range(args.reps):
         for short, kw, x, cfg in cases:
             run_config(x, kw, cfg, short == "gate_up_proj")

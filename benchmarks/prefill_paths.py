@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from decode import graph_time  # noqa: E402
+from decode import graph_time, per_copy_time  # noqa: E402
 
-from quantlrm.kernels import Config, _layout_args, _pow2, candidates, run_config  # noqa: E402
+from quantlrm.kernels import Config, _layout_args, _pow2, candidates  # noqa: E402
 from quantlrm.kernels import layout as L  # noqa: E402
 from quantlrm.kernels import triton_kernels as tk  # noqa: E402
 
@@ -52,7 +52,7 @@ def main() -> None:
             stages = next(c.num_stages for c in candidates(kws[0], 16)
                           if (c.kind, c.block_m, c.block_n, c.split_k) == ("gemm", bm, bn, sk))
             cfg = Config("gemm", block_m=bm, block_n=bn, split_k=sk, num_warps=4, num_stages=stages)
-            t = graph_time(lambda kws=kws, cfg=cfg, x=x: [run_config(x, kw, cfg) for kw in kws]) / 4
+            t = per_copy_time(x, kws, cfg)
             print(f"W{bits} M=2 gemm m{bm} n{bn} sk{sk}: {t * 1e6:.1f} us", flush=True)
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, describe, graph_time, set_pdl_env  # noqa: E402
+from decode import copy_bandwidth, describe, graph_time, per_copy_time, set_pdl_env  # noqa: E402
 from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default="read_ceiling.json")
     args = ap.parse_args()
 
-    from quantlrm.kernels import pdl_enabled, run_config, tune
+    from quantlrm.kernels import pdl_enabled, tune
 
     dev = torch.device("cuda")
     peak = copy_bandwidth()
@@ -84,7 +84,7 @@ def main() -> None:
             act = short == "gate_up_proj"  # the fused MLP's SiLU * up store, as decode runs it
             set_pdl_env({})
             chosen, _, _ = tune(x, kws[0], act=act)
-            t_gemv = graph_time(lambda kws=kws, x=x, c=chosen, a=act: [run_config(x, kw, c, a) for kw in kws]) / len(kws)
+            t_gemv = per_copy_time(x, kws, chosen, act)
             bufs = [torch.randint(-2**31, 2**31 - 1, ((nbytes + 3) // 4,), dtype=torch.int32, device=dev)
                     for _ in kws]
             reads = {}
