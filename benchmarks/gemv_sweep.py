@@ -74,14 +74,15 @@ def x_once_grid(lanes: int, n_blocks: int, row_groups: tuple[int, ...] = (1,)):
     """Tiles for the activations loaded once per thread (`Config.x_once`): few rows, many blocks a
     step, so that Triton's layout puts several rows of a (block, lane) in one thread; 4-32 lane
     tiles a thread (16 with prefetch). Splits that give the same blocks per program as a smaller
-    one are skipped; row_groups: also row pairs (counted as two lane tiles)."""
+    one are skipped; row_groups: also row pairs or quads (counted as two or four lane tiles; quads
+    also with one row group a program)."""
     from quantlrm.kernels import Config
 
     seen = set()
-    for rg, bn, w, sk, u, pf in itertools.product(row_groups, (2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), (8, 16, 32),
+    for rg, bn, w, sk, u, pf in itertools.product(row_groups, (1, 2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), (8, 16, 32),
                                                   (False, True)):
         per = math.ceil(math.ceil(n_blocks / sk) / u) * u
-        if not 4 <= bn * u * lanes * rg / (32 * w) <= (16 if pf else 32) or (rg, bn, w, per, u, pf) in seen:
+        if (bn == 1 and rg < 4) or not 4 <= bn * u * lanes * rg / (32 * w) <= (16 if pf else 32) or (rg, bn, w, per, u, pf) in seen:
             continue
         seen.add((rg, bn, w, per, u, pf))
         yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True,
@@ -111,7 +112,8 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             rgs = (args.row_groups,) if args.row_groups else (1,)
             tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
             for c in tiles:
-                if args.row_groups and c.row_groups != args.row_groups:
+                if ((args.row_groups and c.row_groups != args.row_groups) or (args.split_k and c.split_k != args.split_k)
+                        or (args.max_block_n and c.block_n > args.max_block_n)):
                     continue
                 if time.time() > shape_stop:
                     res.setdefault("skipped", []).append(f"W{bits} {short} from {c}")
@@ -139,6 +141,8 @@ def main() -> None:
     ap.add_argument("--out", default="sweep.json")
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--row-groups", type=int, default=0, help="--half2: only tiles of this many row groups (0: all)")
+    ap.add_argument("--split-k", type=int, default=0, help="--half2: only tiles of this split-K (0: all)")
+    ap.add_argument("--max-block-n", type=int, default=0, help="--half2: only tiles of at most this block_n (0: all)")
     ap.add_argument("--shapes", nargs="+", default=list(FUSED_SHAPES), choices=list(FUSED_SHAPES),
                     help="--half2: the fused shapes to sweep")
     ap.add_argument("--x-once", action="store_true",

@@ -380,6 +380,45 @@ def test_triton_kernels_in_interpreter():
     assert "WORST" in r.stdout
 
 
+
+_RG4_SCRIPT = textwrap.dedent("""
+    import torch
+    from quantlrm.quantizer import quantize
+    from quantlrm.kernels import layout as L, run_config, Config
+    torch.manual_seed(1)
+    # row counts that leave 1-3 rows of the last group outside, split-K with and without
+    # prefetch, ragged K (one padded block), 2-4 bits, fp16 and the bf16x2 walk, the gated epilogue
+    rg4 = (Config("gemv", block_n=2, split_k=3, half2=True, blocks_per_step=2, prefetch=True, x_once=True,
+                  row_groups=4),
+           Config("gemv", block_n=1, half2=True, blocks_per_step=4, x_once=True, row_groups=4))
+    for bits, n, k, g, dt in ((3, 18, 300, 300, torch.float16), (4, 33, 256, 128, torch.float16),
+                              (2, 5, 256, 128, torch.float16), (3, 40, 96, 32, torch.bfloat16)):
+        q = quantize(torch.randn(n, k), bits, g)
+        kw = L.from_codes(q.codes, q.scale, q.zero, bits, g, dt)
+        x = torch.randn(1, k).to(dt)
+        ref = x.float() @ L.dequantize(kw, torch.float32).t()
+        tol = 2e-3 if dt == torch.float16 else 8e-3
+        for c in rg4:
+            y = run_config(x, kw, c).float()
+            assert y.shape == (1, n) and float((y - ref).norm() / ref.norm()) < tol, (bits, n, c)
+            if n % 2 == 0:
+                gref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+                gy = run_config(x, kw, c, act=True).float()
+                assert float((gy - gref).norm() / gref.norm()) < 2 * tol, (bits, n, c)
+    print("RG4 OK")
+""")
+
+
+def test_four_row_groups_in_interpreter():
+    """The half2 GEMV with four rows a thread (row_groups=4), its PTX pair emulated, against
+    dequantize-then-matmul (a test of its own: the main interpreter test is near its time limit)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _RG4_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RG4 OK" in r.stdout
+
+
 # ---------------------------------------------------------------- GPU ----------------------------
 
 
@@ -593,12 +632,12 @@ def test_fused_projections_match_separate_and_compile(tmp_path):
     assert ops.count(torch.ops.quantlrm.qmatmul.default) == 2 * (1 + 1 + 1 + 1), ops  # qkv, o, gate_up, down
 
 
-def test_row_groups_other_than_one_or_two_are_refused():
-    """The half2 GEMV's row pairs (row_groups=2) are the only grouping the kernel has: any other
-    count would leave outputs unwritten, so run_config refuses it before launching."""
+def test_row_groups_other_than_one_two_or_four_are_refused():
+    """The half2 GEMV has one, two or four rows a thread (row_groups): any other count would leave
+    outputs unwritten, so run_config refuses it before launching."""
     from quantlrm.kernels import Config
 
     q = quantize(torch.randn(8, 128), 4, 128)
     kw = L.from_codes(q.codes, q.scale, q.zero, 4, 128, torch.float16)
     with pytest.raises(ValueError, match="row_groups"):
-        run_config(torch.randn(1, 128).half(), kw, Config("gemv", block_n=4, half2=True, row_groups=4))
+        run_config(torch.randn(1, 128).half(), kw, Config("gemv", block_n=4, half2=True, row_groups=3))

@@ -70,7 +70,7 @@ class Config:
     gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
-    `_gemv_h2_kernel`; row_groups 2: a row pair per thread; x_once: the activations loaded once
+    `_gemv_h2_kernel`; row_groups 2 or 4: that many rows per thread; x_once: the activations loaded once
     for all of a thread's rows, for tiles that put several rows in a thread); gemm:
     block_m x block_n tiles, one layout block per step; split_k > 1 splits the blocks of a row
     over programs."""
@@ -360,8 +360,8 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     m, k = x2.shape
     n = kw.out_features
     rg = cfg.row_groups if cfg.half2 else 1
-    if rg not in (1, 2):
-        raise ValueError(f"row_groups is 1 or 2 (a row pair per thread), not {cfg.row_groups}")
+    if rg not in (1, 2, 4):
+        raise ValueError(f"row_groups is 1, 2 or 4 (rows per thread sharing activation loads), not {cfg.row_groups}")
     rows = cfg.block_n * rg  # a GEMV program's rows
     if act and (n % 2 or (cfg.kind == "gemv" and rows % 2)):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")

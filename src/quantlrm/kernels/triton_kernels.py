@@ -479,7 +479,8 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     # RG 2: a program owns 2 * BLOCK_N rows, as two tiles of the even and the odd rows that
     # share every activation load: each thread holds a row pair. (The activations are 2 bytes
     # a code against the words' 3/8: their loads were most of the L1 traffic, and L1 was the
-    # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.)
+    # busiest unit, Nsight Compute, BENCHMARKS.md, Kernels, version 10.) RG 4: four tiles, rows
+    # 4i .. 4i+3, for a quarter of the activation loads a code.
     # PREFETCH: the next step's words, scales and zero points are loaded before this step is
     # decoded. (Triton's software pipeline of this loop, its loads copied into shared memory
     # with cp.async, made every tile 2-32x slower on an H100: BENCHMARKS.md, Kernels, after version 11.)
@@ -504,56 +505,76 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     MANT: tl.constexpr = 7 if BF16 else 10  # mantissa bits of the 16-bit format
     FIT: tl.constexpr = (MANT - BITS) // BITS + 1  # pairs decodable per shift (r + BITS <= MANT)
     RS: tl.constexpr = BITS * (FIT - 1)  # the spare slot's offset: one the word pairs use already
-    rows = tl.program_id(0) * (BLOCK_N * RG) + tl.arange(0, BLOCK_N) * RG  # the even rows when RG == 2
+    rows = tl.program_id(0) * (BLOCK_N * RG) + tl.arange(0, BLOCK_N) * RG  # group a's rows (RG > 1: every RG-th)
     r3 = rows[:, None, None]
     uu = tl.arange(0, U)[None, :, None]
     jj = tl.arange(0, L_PAD)[None, None, :]
     b_begin = tl.program_id(1) * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_blocks)
     zero3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.uint32)
+    RW = n_blocks * W  # words a row
+    MASKED: tl.constexpr = not (FULL and EVEN_N and L == L_PAD)
     acc3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)  # reduced once, at the end
-    pw0 = p_ptr + r3 * (n_blocks * W) + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
+    pw0 = p_ptr + r3 * RW + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
     wmask = (r3 < N) & (jj < L)
-    if RG == 2:  # the odd rows
+    if RG >= 2:  # group b: rows + 1
         acc3b = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
-        pw0b = pw0 + n_blocks * W
         wmaskb = (r3 + 1 < N) & (jj < L)
+    if RG == 4:  # groups c and d: rows + 2, rows + 3
+        acc3c = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
+        acc3d = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
+        wmaskc = (r3 + 2 < N) & (jj < L)
+        wmaskd = (r3 + 3 < N) & (jj < L)
     if PREFETCH:  # the first step's words, scales and zero points
-        n0, n1, n2 = _load_words(pw0 + b_begin * W, wmask & (b_begin + uu < b_end), L, T, True)
-        n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, b_begin, b_end, N, U, GB)
-        if RG == 2:
-            m0, m1, m2 = _load_words(pw0b + b_begin * W, wmaskb & (b_begin + uu < b_end), L, T, True)
-            m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, b_begin, b_end, N, U, GB)
+        n0, n1, n2, n_s, n_z = _group_loads(pw0, wmask, b_begin, uu, b_end, s_ptr, z_ptr, rows, stride_s, N,
+                                            L, T, U, GB, W, True)
+        if RG >= 2:
+            m0, m1, m2, m_s, m_z = _group_loads(pw0 + RW, wmaskb, b_begin, uu, b_end, s_ptr, z_ptr, rows + 1,
+                                                stride_s, N, L, T, U, GB, W, True)
+        if RG == 4:
+            o0, o1, o2, o_s, o_z = _group_loads(pw0 + 2 * RW, wmaskc, b_begin, uu, b_end, s_ptr, z_ptr, rows + 2,
+                                                stride_s, N, L, T, U, GB, W, True)
+            q0, q1, q2, q_s, q_z = _group_loads(pw0 + 3 * RW, wmaskd, b_begin, uu, b_end, s_ptr, z_ptr, rows + 3,
+                                                stride_s, N, L, T, U, GB, W, True)
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync(PDL)
     for blk in range(b_begin, b_end, U):
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
-            w0, w1, w2 = n0, n1, n2
-            s, z = n_s, n_z
-            n0, n1, n2 = _load_words(pw0 + (blk + U) * W, wmask & (blk + U + uu < b_end), L, T, True)
-            n_s, n_z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk + U, b_end, N, U, GB)
-            if RG == 2:
-                v0, v1, v2 = m0, m1, m2
-                sb, zb = m_s, m_z
-                m0, m1, m2 = _load_words(pw0b + (blk + U) * W, wmaskb & (blk + U + uu < b_end), L, T, True)
-                m_s, m_z = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk + U, b_end, N, U, GB)
+            w0, w1, w2, s, z = n0, n1, n2, n_s, n_z
+            n0, n1, n2, n_s, n_z = _group_loads(pw0, wmask, blk + U, uu, b_end, s_ptr, z_ptr, rows, stride_s, N,
+                                                L, T, U, GB, W, True)
+            if RG >= 2:
+                v0, v1, v2, sb, zb = m0, m1, m2, m_s, m_z
+                m0, m1, m2, m_s, m_z = _group_loads(pw0 + RW, wmaskb, blk + U, uu, b_end, s_ptr, z_ptr, rows + 1,
+                                                    stride_s, N, L, T, U, GB, W, True)
+            if RG == 4:
+                c0, c1, c2, sc, zc = o0, o1, o2, o_s, o_z
+                o0, o1, o2, o_s, o_z = _group_loads(pw0 + 2 * RW, wmaskc, blk + U, uu, b_end, s_ptr, z_ptr,
+                                                    rows + 2, stride_s, N, L, T, U, GB, W, True)
+                d0, d1, d2, sd, zd = q0, q1, q2, q_s, q_z
+                q0, q1, q2, q_s, q_z = _group_loads(pw0 + 3 * RW, wmaskd, blk + U, uu, b_end, s_ptr, z_ptr,
+                                                    rows + 3, stride_s, N, L, T, U, GB, W, True)
         else:
-            w0, w1, w2 = _load_words(pw0 + blk * W, wmask & (blk + uu < b_end), L, T,
-                                     not (FULL and EVEN_N and L == L_PAD))
-            s, z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U, GB)
-            if RG == 2:
-                v0, v1, v2 = _load_words(pw0b + blk * W, wmaskb & (blk + uu < b_end), L, T,
-                                         not (FULL and EVEN_N and L == L_PAD))
-                sb, zb = _load_scale_zero(s_ptr, z_ptr, rows + 1, stride_s, blk, b_end, N, U, GB)
-        s = s.to(tl.float32)[:, :, None]
-        if not BF16:
-            s = s * 16.0
+            w0, w1, w2, s, z = _group_loads(pw0, wmask, blk, uu, b_end, s_ptr, z_ptr, rows, stride_s, N,
+                                            L, T, U, GB, W, MASKED)
+            if RG >= 2:
+                v0, v1, v2, sb, zb = _group_loads(pw0 + RW, wmaskb, blk, uu, b_end, s_ptr, z_ptr, rows + 1,
+                                                  stride_s, N, L, T, U, GB, W, MASKED)
+            if RG == 4:
+                c0, c1, c2, sc, zc = _group_loads(pw0 + 2 * RW, wmaskc, blk, uu, b_end, s_ptr, z_ptr, rows + 2,
+                                                  stride_s, N, L, T, U, GB, W, MASKED)
+                d0, d1, d2, sd, zd = _group_loads(pw0 + 3 * RW, wmaskd, blk, uu, b_end, s_ptr, z_ptr, rows + 3,
+                                                  stride_s, N, L, T, U, GB, W, MASKED)
+        s = _step_scale(s, BF16)
         h = zero3
-        if RG == 2:
-            sb = sb.to(tl.float32)[:, :, None]
-            if not BF16:
-                sb = sb * 16.0
+        if RG >= 2:
+            sb = _step_scale(sb, BF16)
             hb = zero3
+        if RG == 4:
+            sc = _step_scale(sc, BF16)
+            sd = _step_scale(sd, BF16)
+            hc = zero3
+            hd = zero3
         for sl in tl.static_range(S):
             # bit offset of the pair in its source word (shifted every FIT pairs), or the spare slot's
             if sl < T * H:
@@ -582,29 +603,66 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
             xp = zero3 + xp.to(tl.uint32, bitcast=True)
             h = _pair_step(h, _slot_src(w0, w1, w2, sl, H, T, FIT, BITS, RS), mask, mult,
                            _neg_zero(z, R, zero3, BF16), xp, BF16, EMULATE)
-            if RG == 2:
+            if RG >= 2:
                 hb = _pair_step(hb, _slot_src(v0, v1, v2, sl, H, T, FIT, BITS, RS), mask, mult,
                                 _neg_zero(zb, R, zero3, BF16), xp, BF16, EMULATE)
+            if RG == 4:
+                hc = _pair_step(hc, _slot_src(c0, c1, c2, sl, H, T, FIT, BITS, RS), mask, mult,
+                                _neg_zero(zc, R, zero3, BF16), xp, BF16, EMULATE)
+                hd = _pair_step(hd, _slot_src(d0, d1, d2, sl, H, T, FIT, BITS, RS), mask, mult,
+                                _neg_zero(zd, R, zero3, BF16), xp, BF16, EMULATE)
             if sl == S - 1 or (sl % H == H - 1 and sl < T * H - 1):  # a word row done: widen its sum
                 acc3 += _widen(h, BF16, EMULATE) * s
                 h = zero3
-                if RG == 2:
+                if RG >= 2:
                     acc3b += _widen(hb, BF16, EMULATE) * sb
                     hb = zero3
+                if RG == 4:
+                    acc3c += _widen(hc, BF16, EMULATE) * sc
+                    acc3d += _widen(hd, BF16, EMULATE) * sd
+                    hc = zero3
+                    hd = zero3
     _launch_dependents(PDL)
-    if L != L_PAD:
-        acc3 = tl.where(jj < L, acc3, 0.0)
-    acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    acc = _lane_sum(acc3, jj, L, L_PAD)
     if RG == 2:
-        if L != L_PAD:
-            acc3b = tl.where(jj < L, acc3b, 0.0)
         # rows 2i and 2i+1 side by side: the program's rows in order (and a gated MLP's (gate,
         # up) pairs, which are interleaved rows, in one thread)
-        acc = tl.reshape(tl.join(acc, tl.sum(tl.sum(acc3b, axis=2), axis=1)), [2 * BLOCK_N])
-        rows = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+        acc = tl.reshape(tl.join(acc, _lane_sum(acc3b, jj, L, L_PAD)), [2 * BLOCK_N])
+    if RG == 4:  # join(join(a, c), join(b, d)) flattens to a, b, c, d: rows 4i .. 4i+3 in order
+        ac = tl.join(acc, _lane_sum(acc3c, jj, L, L_PAD))
+        bd = tl.join(_lane_sum(acc3b, jj, L, L_PAD), _lane_sum(acc3d, jj, L, L_PAD))
+        acc = tl.reshape(tl.join(ac, bd), [4 * BLOCK_N])
+    if RG > 1:
+        rows = tl.program_id(0) * (RG * BLOCK_N) + tl.arange(0, RG * BLOCK_N)
     mask_n = rows < N
     _store_rows(acc[None, :], y_ptr, ws_ptr, cnt_ptr, rows, mask_n, tl.arange(0, 1), 1, N, tl.num_programs(1), MODE,
                 BLOCK_N * RG, ACT)
+
+
+@triton.jit
+def _group_loads(pw, wmask, blk, uu, b_end, s_ptr, z_ptr, rows, stride_s, N, L: tl.constexpr, T: tl.constexpr,
+                 U: tl.constexpr, GB: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
+    """One row group's words, scales and zero points for the step starting at block `blk`."""
+    w0, w1, w2 = _load_words(pw + blk * W, wmask & (blk + uu < b_end), L, T, MASKED)
+    s, z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U, GB)
+    return w0, w1, w2, s, z
+
+
+@triton.jit
+def _step_scale(s, BF16: tl.constexpr):
+    """A step's scales in the words' layout, times 16 in fp16 (the pair computes (c - z) / 16)."""
+    s = s.to(tl.float32)[:, :, None]
+    if not BF16:
+        s = s * 16.0
+    return s
+
+
+@triton.jit
+def _lane_sum(acc3, jj, L: tl.constexpr, L_PAD: tl.constexpr):
+    """A row group's per-row sums, padding lanes dropped."""
+    if L != L_PAD:
+        acc3 = tl.where(jj < L, acc3, 0.0)
+    return tl.sum(tl.sum(acc3, axis=2), axis=1)
 
 
 @triton.jit
