@@ -86,7 +86,7 @@ def test_describe_names_every_field_of_a_tile():
 
 def test_tiles_ab_sets_differ_by_exactly_the_tiles_they_name():
     """`--tiles-ab` compares tile sets; each must drop exactly its tiles from the default candidates."""
-    from quantlrm.kernels import GEMV_H2_CONFIGS, GEMV_H2_ROWPAIR_XONCE
+    from quantlrm.kernels import GEMV_H2_CONFIGS, GEMV_H2_ROWPAIR_XONCE, GEMV_H2_ROWQUAD_XONCE
 
     sets = dict(D.tile_sets("rg2"))
     assert sets[""] == GEMV_H2_CONFIGS
@@ -96,3 +96,7 @@ def test_tiles_ab_sets_differ_by_exactly_the_tiles_they_name():
     assert len(sets["+no_xonce"]) < len(sets["-xonce_rg2"])
     assert [t for t, _ in D.tile_sets("rg2only")] == ["", "-xonce_rg2"]
     assert [t for t, _ in D.tile_sets("1")] == ["+no_xonce", ""]
+    quads = dict(D.tile_sets("rg4only"))
+    assert list(quads) == ["", "-xonce_rg4"] and quads[""] == GEMV_H2_CONFIGS
+    assert set(GEMV_H2_CONFIGS) - set(quads["-xonce_rg4"]) == set(GEMV_H2_ROWQUAD_XONCE)
+    assert all(c.row_groups == 4 for c in GEMV_H2_ROWQUAD_XONCE)

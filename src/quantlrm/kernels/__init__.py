@@ -218,6 +218,17 @@ GEMV_H2_ROWPAIR_XONCE = tuple(
                          (4, 2, 32, True))
 )
 GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWPAIR_XONCE
+# x_once tiles with four rows a thread (row quads): each activation load serves four rows. The
+# fastest quads of `gemv_sweep.py --half2 --x-once --row-groups 4 --split-k 1 --max-block-n 4 --act
+# --bits 3` on an H100: W3 gate/up 22.9 us against 24.6 for the tuner's row-pair tile, down_proj
+# 14.1 against 15.1, same run (BENCHMARKS.md, Kernels, version 15). Late PDL trigger, as the pairs.
+# `decode.py --tiles-ab rg4only` times the set without them.
+GEMV_H2_ROWQUAD_XONCE = tuple(
+    Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=4)
+    for bn, w, u, pf in ((4, 2, 8, False), (4, 4, 16, False), (2, 1, 8, False), (2, 4, 16, False), (2, 2, 16, True),
+                         (1, 1, 16, True))
+)
+GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWQUAD_XONCE
 
 
 # Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
