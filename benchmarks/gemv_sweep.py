@@ -75,14 +75,14 @@ def x_once_grid(lanes: int, n_blocks: int, row_groups: tuple[int, ...] = (1,)):
     step, so that Triton's layout puts several rows of a (block, lane) in one thread; 4-32 lane
     tiles a thread (16 with prefetch). Splits that give the same blocks per program as a smaller
     one are skipped; row_groups: also row pairs or quads (counted as two or four lane tiles; quads
-    also with one row group a program)."""
+    also with one row group a program, and 4 blocks a step)."""
     from quantlrm.kernels import Config
 
     seen = set()
-    for rg, bn, w, sk, u, pf in itertools.product(row_groups, (1, 2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), (8, 16, 32),
-                                                  (False, True)):
+    for rg, bn, w, sk, u, pf in itertools.product(row_groups, (1, 2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8),
+                                                  (4, 8, 16, 32), (False, True)):
         per = math.ceil(math.ceil(n_blocks / sk) / u) * u
-        if (bn == 1 and rg < 4) or not 4 <= bn * u * lanes * rg / (32 * w) <= (16 if pf else 32) or (rg, bn, w, per, u, pf) in seen:
+        if ((bn == 1 or u == 4) and rg < 4) or not 4 <= bn * u * lanes * rg / (32 * w) <= (16 if pf else 32) or (rg, bn, w, per, u, pf) in seen:
             continue
         seen.add((rg, bn, w, per, u, pf))
         yield Config("gemv", block_n=bn, num_warps=w, split_k=sk, blocks_per_step=u, prefetch=pf, half2=True,
