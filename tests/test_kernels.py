@@ -134,9 +134,9 @@ def test_half2_gemv_is_offered_for_fp16_and_bf16_unless_turned_off(monkeypatch):
     assert not half2_ok(L.from_codes(q8.codes, q8.scale, q8.zero, 8, 128, torch.float16), torch.float16)
 
 
-def test_pdl_trigger_is_late_for_the_row_pair_x_once_tiles_only(monkeypatch):
-    """Under PDL the row-pair x_once tiles let the next kernel launch after their main loop
-    (BENCHMARKS.md, Kernels, version 13); QUANTLRM_PDL_TRIGGER forces one trigger for every GEMV
+def test_pdl_trigger_is_late_for_the_row_group_x_once_tiles_only(monkeypatch):
+    """Under PDL the row-pair and row-quad x_once tiles let the next kernel launch after their main
+    loop (BENCHMARKS.md, Kernels, versions 13 and 15); QUANTLRM_PDL_TRIGGER forces one trigger for every GEMV
     and is checked; kernels without the choice (late=None) ignore it; no PDL, no arguments."""
     import quantlrm.kernels as qk
 
@@ -144,9 +144,10 @@ def test_pdl_trigger_is_late_for_the_row_pair_x_once_tiles_only(monkeypatch):
     assert qk.pdl_launch(cpu, late=True) == {}
     monkeypatch.setattr(qk, "pdl_enabled", lambda device: True)
     monkeypatch.delenv("QUANTLRM_PDL_TRIGGER", raising=False)
-    assert all(qk.late_trigger(replace(c, half2=True)) for c in qk.GEMV_H2_ROWPAIR_XONCE)
+    grouped = qk.GEMV_H2_ROWPAIR_XONCE + qk.GEMV_H2_ROWQUAD_XONCE
+    assert all(qk.late_trigger(replace(c, half2=True)) for c in grouped)
     late = [c for c in qk.GEMV_H2_CONFIGS if qk.late_trigger(replace(c, half2=True))]
-    assert late == list(qk.GEMV_H2_ROWPAIR_XONCE)  # candidates; every other tile triggers early
+    assert late == list(grouped)  # candidates; every other tile triggers early
     assert qk.pdl_launch(cpu, late=True) == {"PDL": 2, "launch_pdl": True}
     assert qk.pdl_launch(cpu, late=False) == qk.pdl_launch(cpu) == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setenv("QUANTLRM_PDL_TRIGGER", "early")
