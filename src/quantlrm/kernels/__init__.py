@@ -218,10 +218,11 @@ GEMV_H2_ROWPAIR_XONCE = tuple(
                          (4, 2, 32, True))
 )
 GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWPAIR_XONCE
-# x_once tiles with four rows a thread (row quads): each activation load serves four rows. The
-# fastest quads of `gemv_sweep.py --half2 --x-once --row-groups 4 --split-k 1 --max-block-n 4 --act
-# --bits 3` on an H100: W3 gate/up 22.9 us against 24.6 for the tuner's row-pair tile, down_proj
-# 14.1 against 15.1, same run (BENCHMARKS.md, Kernels, version 15). Late PDL trigger, as the pairs.
+# x_once tiles with four rows a thread (row quads): each activation load serves four rows. From
+# `gemv_sweep.py --half2 --x-once --row-groups 4 --split-k 1 --max-block-n 4 --act --bits 3` on an
+# H100, the three fastest quads on W3 gate/up and three of the five fastest on down_proj: best
+# 22.9 us against 24.6 for the tuner's row-pair tile on gate/up, 14.1 against 15.1 on down_proj,
+# same run (BENCHMARKS.md, Kernels, version 15). Late PDL trigger, as the pairs.
 # `decode.py --tiles-ab rg4only` times the set without them.
 GEMV_H2_ROWQUAD_XONCE = tuple(
     Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=4)
