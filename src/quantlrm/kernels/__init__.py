@@ -161,9 +161,9 @@ def pdl_launch(device: torch.device, late: bool | None = None) -> dict:
 def late_trigger(cfg: Config) -> bool:
     """Whether a half2 GEMV tile lets the next kernel launch only after its main loop
     (`pdl_launch`): the x_once tiles of row pairs (which decoded W3 8% slower with the early
-    trigger than without PDL on an H100) and of row quads (like them, untested early). The other tiles decoded 3-5% slower with every GEMV late than
-    with the early trigger forced (H200 and H100), about the spread of identical variants
-    (BENCHMARKS.md, Kernels, versions 13-14)."""
+    trigger than without PDL on an H100) and of row quads (like them, untested early). The other
+    tiles decoded 3-5% slower with every GEMV late than with the early trigger forced (H200 and
+    H100), about the spread of identical variants (BENCHMARKS.md, Kernels, versions 13-14)."""
     return cfg.half2 and cfg.x_once and cfg.row_groups > 1
 
 

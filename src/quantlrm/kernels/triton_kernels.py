@@ -516,55 +516,51 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     MASKED: tl.constexpr = not (FULL and EVEN_N and L == L_PAD)
     acc3 = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)  # reduced once, at the end
     pw0 = p_ptr + r3 * RW + uu * W + jj  # contiguous rows (see `_gemv_kernel`)
-    wmask = (r3 < N) & (jj < L)
     if RG >= 2:  # group b: rows + 1
         acc3b = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
-        wmaskb = (r3 + 1 < N) & (jj < L)
     if RG == 4:  # groups c and d: rows + 2, rows + 3
         acc3c = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
         acc3d = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
-        wmaskc = (r3 + 2 < N) & (jj < L)
-        wmaskd = (r3 + 3 < N) & (jj < L)
     if PREFETCH:  # the first step's words, scales and zero points
-        n0, n1, n2, n_s, n_z = _group_loads(pw0, wmask, b_begin, uu, b_end, s_ptr, z_ptr, rows, stride_s, N,
-                                            L, T, U, GB, W, True)
+        n0, n1, n2, n_s, n_z = _group_loads(0, b_begin, True,
+                                            pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
         if RG >= 2:
-            m0, m1, m2, m_s, m_z = _group_loads(pw0 + RW, wmaskb, b_begin, uu, b_end, s_ptr, z_ptr, rows + 1,
-                                                stride_s, N, L, T, U, GB, W, True)
+            m0, m1, m2, m_s, m_z = _group_loads(1, b_begin, True,
+                                                pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
         if RG == 4:
-            o0, o1, o2, o_s, o_z = _group_loads(pw0 + 2 * RW, wmaskc, b_begin, uu, b_end, s_ptr, z_ptr, rows + 2,
-                                                stride_s, N, L, T, U, GB, W, True)
-            q0, q1, q2, q_s, q_z = _group_loads(pw0 + 3 * RW, wmaskd, b_begin, uu, b_end, s_ptr, z_ptr, rows + 3,
-                                                stride_s, N, L, T, U, GB, W, True)
+            o0, o1, o2, o_s, o_z = _group_loads(2, b_begin, True,
+                                                pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
+            q0, q1, q2, q_s, q_z = _group_loads(3, b_begin, True,
+                                                pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
     if PDL:  # nothing above reads what an earlier kernel writes
         _grid_dependency_sync(PDL)
     for blk in range(b_begin, b_end, U):
         if PREFETCH:  # this step's loads were issued a step ago; issue the next step's now
             w0, w1, w2, s, z = n0, n1, n2, n_s, n_z
-            n0, n1, n2, n_s, n_z = _group_loads(pw0, wmask, blk + U, uu, b_end, s_ptr, z_ptr, rows, stride_s, N,
-                                                L, T, U, GB, W, True)
+            n0, n1, n2, n_s, n_z = _group_loads(0, blk + U, True,
+                                                pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
             if RG >= 2:
                 v0, v1, v2, sb, zb = m0, m1, m2, m_s, m_z
-                m0, m1, m2, m_s, m_z = _group_loads(pw0 + RW, wmaskb, blk + U, uu, b_end, s_ptr, z_ptr, rows + 1,
-                                                    stride_s, N, L, T, U, GB, W, True)
+                m0, m1, m2, m_s, m_z = _group_loads(1, blk + U, True,
+                                                    pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
             if RG == 4:
                 c0, c1, c2, sc, zc = o0, o1, o2, o_s, o_z
-                o0, o1, o2, o_s, o_z = _group_loads(pw0 + 2 * RW, wmaskc, blk + U, uu, b_end, s_ptr, z_ptr,
-                                                    rows + 2, stride_s, N, L, T, U, GB, W, True)
+                o0, o1, o2, o_s, o_z = _group_loads(2, blk + U, True,
+                                                    pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
                 d0, d1, d2, sd, zd = q0, q1, q2, q_s, q_z
-                q0, q1, q2, q_s, q_z = _group_loads(pw0 + 3 * RW, wmaskd, blk + U, uu, b_end, s_ptr, z_ptr,
-                                                    rows + 3, stride_s, N, L, T, U, GB, W, True)
+                q0, q1, q2, q_s, q_z = _group_loads(3, blk + U, True,
+                                                    pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
         else:
-            w0, w1, w2, s, z = _group_loads(pw0, wmask, blk, uu, b_end, s_ptr, z_ptr, rows, stride_s, N,
-                                            L, T, U, GB, W, MASKED)
+            w0, w1, w2, s, z = _group_loads(0, blk, MASKED,
+                                            pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
             if RG >= 2:
-                v0, v1, v2, sb, zb = _group_loads(pw0 + RW, wmaskb, blk, uu, b_end, s_ptr, z_ptr, rows + 1,
-                                                  stride_s, N, L, T, U, GB, W, MASKED)
+                v0, v1, v2, sb, zb = _group_loads(1, blk, MASKED,
+                                                  pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
             if RG == 4:
-                c0, c1, c2, sc, zc = _group_loads(pw0 + 2 * RW, wmaskc, blk, uu, b_end, s_ptr, z_ptr, rows + 2,
-                                                  stride_s, N, L, T, U, GB, W, MASKED)
-                d0, d1, d2, sd, zd = _group_loads(pw0 + 3 * RW, wmaskd, blk, uu, b_end, s_ptr, z_ptr, rows + 3,
-                                                  stride_s, N, L, T, U, GB, W, MASKED)
+                c0, c1, c2, sc, zc = _group_loads(2, blk, MASKED,
+                                                  pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
+                d0, d1, d2, sd, zd = _group_loads(3, blk, MASKED,
+                                                  pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
         s = _step_scale(s, BF16)
         h = zero3
         if RG >= 2:
@@ -640,11 +636,13 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
-def _group_loads(pw, wmask, blk, uu, b_end, s_ptr, z_ptr, rows, stride_s, N, L: tl.constexpr, T: tl.constexpr,
-                 U: tl.constexpr, GB: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
-    """One row group's words, scales and zero points for the step starting at block `blk`."""
-    w0, w1, w2 = _load_words(pw + blk * W, wmask & (blk + uu < b_end), L, T, MASKED)
-    s, z = _load_scale_zero(s_ptr, z_ptr, rows, stride_s, blk, b_end, N, U, GB)
+def _group_loads(g: tl.constexpr, blk, MASKED: tl.constexpr, pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s,
+                 N, RW, L: tl.constexpr, T: tl.constexpr, U: tl.constexpr, GB: tl.constexpr, W: tl.constexpr):
+    """Row group g's words, scales and zero points for the step starting at block `blk` (group g
+    holds rows + g: its words a row further on each, its mask and rows derived here)."""
+    wmask = (r3 + g < N) & (jj < L) & (blk + uu < b_end)
+    w0, w1, w2 = _load_words(pw0 + g * RW + blk * W, wmask, L, T, MASKED)
+    s, z = _load_scale_zero(s_ptr, z_ptr, rows + g, stride_s, blk, b_end, N, U, GB)
     return w0, w1, w2, s, z
 
 
