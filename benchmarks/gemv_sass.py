@@ -65,7 +65,7 @@ def compile_h2(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch
 
 
 def compile_h2_kernel(bits: int, bf16: bool, block_n: int, warps: int, u: int, prefetch: bool, rg: int = 1,
-                      mode: int = 2, x_once: bool = False, pdl: int = 0, l2b: bool = False):
+                      mode: int = 2, x_once: bool = False, pdl: int = 0):
     """The half2 GEMV compiled for sm_90 (Triton's compiled kernel: its TTGIR, PTX and cubin);
     mode: the split's reduction (0: no split, 2: in-kernel split-K); pdl: its PDL constexpr."""
     dt = "*bf16" if bf16 else "*fp16"
@@ -73,7 +73,7 @@ def compile_h2_kernel(bits: int, bf16: bool, block_n: int, warps: int, u: int, p
            "cnt_ptr": "*i32", "N": "i32", "K": "i32", "n_blocks": "i32", "blocks_per_split": "i32",
            "stride_s": "i32"}
     const = dict(GB=1, BLOCK_N=block_n, EVEN_N=True, EVEN_K=True, MODE=mode, PREFETCH=prefetch, U=u, FULL=True,
-                 ACT=False, EMULATE=False, BF16=bf16, RG=rg, XONCE=x_once, PDL=pdl, L2B=l2b,
+                 ACT=False, EMULATE=False, BF16=bf16, RG=rg, XONCE=x_once, PDL=pdl,
                  **layout_consts(bits))
     sig.update({k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(12) if i not in (9, 10)}

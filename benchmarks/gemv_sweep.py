@@ -17,7 +17,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -111,16 +110,7 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
             rgs = (args.row_groups,) if args.row_groups else (1,)
-            if args.candidates:
-                from quantlrm.kernels import GEMV_H2_CONFIGS
-                tiles = [replace(c, half2=True) for c in GEMV_H2_CONFIGS]
-            else:
-                tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
-            l2 = {"off": (False,), "on": (True,), "both": (False, True)}[args.l2_bulk]
-            if args.l2_bulk != "off":
-                t = per_copy_time(x, kws, replace(chosen, l2_bulk=True), act)
-                tuned["l2_bulk_us"], tuned["l2_bulk_frac"] = t * 1e6, nbytes / t / peak
-            tiles = [replace(c, l2_bulk=v) for c in tiles for v in l2]
+            tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
             for c in tiles:
                 if ((args.row_groups and c.row_groups != args.row_groups) or (args.split_k and c.split_k != args.split_k)
                         or (args.max_block_n and c.block_n > args.max_block_n)):
@@ -138,14 +128,6 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
                 if best is None or row["us"] < best["us"]:
                     best = row
             res["best"][f"W{bits} {short}"] = dict(grid=best, tuner=tuned)
-            if "l2_bulk_us" in tuned:
-                print(f"W{bits} {short}: tuner's tile with l2_bulk {tuned['l2_bulk_us']:.1f} us ({tuned['l2_bulk_frac']:.0%})")
-            for v in l2 if len(l2) > 1 else ():
-                rows = [r for r in res["rows"] if r.get("bits") == bits and r["linear"] == short and "us" in r
-                        and ("l2_bulk=True" in r["config"]) == v]
-                if rows:
-                    b = min(rows, key=lambda r: r["us"])
-                    print(f"  best with l2_bulk={v}: {b['config']} {b['us']:.1f} us ({b['frac']:.0%})")
             if best:
                 print(f"W{bits} {short}: tuner {tuned['config']} {tuned['us']:.1f} us ({tuned['frac']:.0%}); "
                       f"grid best {best['config']} {best['us']:.1f} us ({best['frac']:.0%}) [{time.time() - t0:.0f}s]",
@@ -167,10 +149,6 @@ def main() -> None:
                     help="--half2: only the tiles that load the activations once for a thread's rows")
     ap.add_argument("--act", action="store_true",
                     help="--half2: time gate_up_proj (and tune it) with the gated-MLP epilogue, as the fused MLP runs")
-    ap.add_argument("--candidates", action="store_true",
-                    help="--half2: time the tuner's batch-1 half2 candidates instead of a grid")
-    ap.add_argument("--l2-bulk", choices=("off", "on", "both"), default="off",
-                    help="--half2: each tile without / with / both ways of the bulk L2 prefetch of its words (Config.l2_bulk)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")

@@ -85,7 +85,6 @@ class Config:
     blocks_per_step: int = 1
     row_groups: int = 1
     x_once: bool = False
-    l2_bulk: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -415,7 +414,6 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
                                      kw.scale.stride(0), PREFETCH=cfg.prefetch, U=u,
                                      FULL=nb % per == 0, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
                                      BF16=x2.dtype == torch.bfloat16, RG=rg, XONCE=cfg.x_once,
-                                     L2B=cfg.l2_bulk and kw.packed.data_ptr() % 16 == 0 and kw.words_per_block % 4 == 0,
                                      **pdl_launch(x2.device, late=late_trigger(cfg)), **meta)
         else:
             xkind = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[xin.dtype]

@@ -441,30 +441,6 @@ def _widen(h, BF16: tl.constexpr, EMULATE: tl.constexpr):
     return part
 
 
-# Hopper's bulk L2 prefetch, issued by the program's first thread only: the copy engine brings
-# `size` bytes (a multiple of 16, 16-byte aligned) into L2 and nothing waits on it.
-_BULK_L2_T0 = tl.constexpr("{\n.reg .pred p;\n.reg .u32 t;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;\n"
-                           "setp.gt.and.s32 p, $2, 0, p;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
-                           "mov.u32 $0, 0;\n}")
-
-
-@triton.jit
-def _l2_bulk_rows(p_ptr, r0, N, RW, w_begin, n_words, NR: tl.constexpr):
-    """Ask L2 for this program's words (rows r0 .. r0+NR-1, words w_begin .. +n_words of each)
-    before its walk starts: the copy engine keeps HBM busy while the walk's own loads, bounded
-    by registers, wait on one step at a time. One range when the program owns whole rows."""
-    one = tl.zeros([1], dtype=tl.int32)
-    if n_words == RW:
-        nbytes = tl.minimum(NR, N - r0) * RW * 4
-        tl.inline_asm_elementwise(_BULK_L2_T0, "=r,l,r", [p_ptr + r0 * RW + one, one + nbytes], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    else:
-        for i in tl.static_range(NR):
-            nbytes = tl.where(r0 + i < N, n_words * 4, 0)
-            tl.inline_asm_elementwise(_BULK_L2_T0, "=r,l,r", [p_ptr + (r0 + i) * RW + w_begin + one, one + nbytes],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _grid_dependency_sync(PDL: tl.constexpr = 1):
     """Under programmatic dependent launch (PDL): wait until the kernel before this one has
@@ -493,7 +469,7 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                     PREFETCH: tl.constexpr, U: tl.constexpr, FULL: tl.constexpr, ACT: tl.constexpr,
                     EMULATE: tl.constexpr = False, BF16: tl.constexpr = False, RG: tl.constexpr = 1,
-                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False, L2B: tl.constexpr = False):
+                    PDL: tl.constexpr = False, XONCE: tl.constexpr = False):
     # x_ptr: the fp16 (BF16: bf16) activations seen as int32 pairs (K even, B even). Same walk as
     # `_gemv_kernel`, but U blocks per step: the tile is [BLOCK_N, U, L_PAD] lanes, so a
     # program issues all U blocks' loads before it waits for any (the short GEMVs were bound by
@@ -545,9 +521,6 @@ def _gemv_h2_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     if RG == 4:  # groups c and d: rows + 2, rows + 3
         acc3c = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
         acc3d = tl.zeros([BLOCK_N, U, L_PAD], dtype=tl.float32)
-    if L2B and not EMULATE:  # the program's words into L2 in bulk, ahead of the walk
-        _l2_bulk_rows(p_ptr, tl.program_id(0) * (BLOCK_N * RG), N, RW, b_begin * W, (b_end - b_begin) * W,
-                      BLOCK_N * RG)
     if PREFETCH:  # the first step's words, scales and zero points
         n0, n1, n2, n_s, n_z = _group_loads(0, b_begin, True,
                                             pw0, r3, jj, rows, uu, b_end, s_ptr, z_ptr, stride_s, N, RW, L, T, U, GB, W)
