@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -91,7 +92,7 @@ def x_once_grid(lanes: int, n_blocks: int, row_groups: tuple[int, ...] = (1,)):
 
 def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
     """Every half2 tile on the fused shapes, against the tuner's own choice from its candidates."""
-    from quantlrm.kernels import tune
+    from quantlrm.kernels import GEMV_H2_CONFIGS, tune
 
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     for bi, bits in enumerate(args.bits):
@@ -110,7 +111,10 @@ def sweep_half2(args, peak: float, res: dict, t0: float, dump) -> None:
             tuned = dict(config=repr(chosen), us=t * 1e6, frac=nbytes / t / peak)
             best = None
             rgs = (args.row_groups,) if args.row_groups else (1,)
-            tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
+            if args.candidates:
+                tiles = [replace(c, half2=True) for c in GEMV_H2_CONFIGS]
+            else:
+                tiles = (x_once_grid(kws[0].lanes, kws[0].n_blocks, rgs) if args.x_once else half2_grid(kws[0].lanes))
             for c in tiles:
                 if ((args.row_groups and c.row_groups != args.row_groups) or (args.split_k and c.split_k != args.split_k)
                         or (args.max_block_n and c.block_n > args.max_block_n)):
@@ -149,6 +153,8 @@ def main() -> None:
                     help="--half2: only the tiles that load the activations once for a thread's rows")
     ap.add_argument("--act", action="store_true",
                     help="--half2: time gate_up_proj (and tune it) with the gated-MLP epilogue, as the fused MLP runs")
+    ap.add_argument("--candidates", action="store_true",
+                    help="--half2: time the tuner's batch-1 half2 candidates instead of a grid")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--budget", type=float, default=330, help="seconds; stops sweeping after this")

@@ -31,6 +31,13 @@ V14 = [(s, b, Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetc
        for s, b, bn, w, u, pf, rg in (("gate_up_proj", 3, 4, 4, 16, True, 2), ("down_proj", 3, 2, 2, 16, True, 2),
                                       ("gate_up_proj", 4, 2, 1, 8, False, 1))]
 
+# version 15's choices (BENCHMARKS.md, Kernels): W3 quads on gate/up and down_proj, one-row x_once tiles on
+# qkv and o_proj (fp16)
+V15 = [(s, 3, Config("gemv", block_n=bn, num_warps=w, blocks_per_step=u, prefetch=pf, x_once=True, row_groups=rg,
+                     half2=True))
+       for s, bn, w, u, pf, rg in (("gate_up_proj", 4, 2, 8, False, 4), ("down_proj", 2, 4, 16, False, 4),
+                                   ("qkv_proj", 8, 2, 16, True, 1), ("o_proj", 8, 2, 32, True, 1))]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,11 +46,13 @@ def main() -> None:
     ap.add_argument("--v14", action="store_true",
                     help="instead: version 14's row-pair x_once tiles of W3 gate/up and down_proj, then W4 gate/up's "
                          "one-row x_once tile (the tuner's choices on H100s; --bits is ignored)")
+    ap.add_argument("--v15", action="store_true",
+                    help="instead: version 15's W3 tiles of all four shapes (the tuner's choices in fp16 on H100s)")
     args = ap.parse_args()
     from quantlrm.kernels import run_config
 
     cases = []  # one weight per shape, made once (the launches are what the profiler picks out)
-    tiles = V14 if args.v14 else [(short, args.bits, Config("gemv", block_n=bn, num_warps=w, split_k=sk,
+    tiles = V15 if args.v15 else V14 if args.v14 else [(short, args.bits, Config("gemv", block_n=bn, num_warps=w, split_k=sk,
                                                              blocks_per_step=u, half2=True))
                                   for short, (bn, w, sk, u) in TILES.items()]
     for short, bits, cfg in tiles:
