@@ -63,18 +63,20 @@ def _issue(i, buf, p_ptr, x_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, x_smem
     cp.async_copy_global_to_shared(w0_smem.index(buf), pw, mask=rmask3)
     cp.async_copy_global_to_shared(w1_smem.index(buf), pw + 4, mask=rmask3)
     cp.async_copy_global_to_shared(w2_smem.index(buf), pw + 8, mask=rmask3)
-    cp.async_copy_global_to_shared(x_smem.index(buf), x_ptr + (blk0 + xu) * 64 + xj)
+    # .ca: the activations stay in L1 for the SM's other programs (every program reads all of them)
+    cp.async_copy_global_to_shared(x_smem.index(buf), x_ptr + (blk0 + xu) * 64 + xj, cache_modifier=".ca")
     cp.async_copy_global_to_shared(s_smem.index(buf), s_ptr + rows2 * stride_s + blk0 + u2, mask=rmask2)
     cp.async_copy_global_to_shared(z_smem.index(buf), z_ptr + rows2 * stride_s + blk0 + u2, mask=rmask2)
 
 
 @gluon.jit
 def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
-                      U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr):
-    TR: gl.constexpr = 32 // U
+                      U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+                      JT: gl.constexpr = 1):
+    TR: gl.constexpr = 32 // (U * JT)  # threads a warp along rows (JT: along a block's four lanes)
     R: gl.constexpr = RPT * TR * WARPS
     VS: gl.constexpr = 8 if U >= 8 else U  # fp16 scales per 16-byte (or smaller) copy
-    L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4], [TR, U, 1], [WARPS, 1, 1], [2, 1, 0])
+    L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4 // JT], [TR, U, JT], [WARPS, 1, 1], [2, 1, 0])
     LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])  # a step's pairs [U, 64]
     LS: gl.constexpr = gl.BlockedLayout([1, VS], [32 // (U // VS), U // VS], [WARPS, 1], [1, 0])
     # (a buffered allocation's layout describes one buffer: the leading STAGES dim is not in it)
@@ -153,23 +155,25 @@ def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride
     gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
 
 
-def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4) -> torch.Tensor:
+def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1) -> torch.Tensor:
     if kw.bits != 3 or kw.block != 128 or kw.group_size != 128 or x.dtype != torch.float16:
         raise ValueError("the prototype takes W3, group size 128, fp16 activations")
     if kw.n_blocks % u:
         raise ValueError(f"{kw.n_blocks} blocks are not a multiple of {u} a step")
     n = kw.out_features
-    rows = rpt * (32 // u) * warps
+    rows = rpt * (32 // (u * jt)) * warps
     y = torch.empty(1, n, dtype=torch.float16, device=x.device)
     _gemv_smem_kernel[(triton.cdiv(n, rows),)](x.view(torch.int32), kw.packed, kw.scale, kw.zero, y, n,
                                                kw.n_blocks, kw.n_blocks * 12, kw.scale.stride(0),
-                                               U=u, RPT=rpt, WARPS=warps, STAGES=stages, num_warps=warps)
+                                               U=u, RPT=rpt, WARPS=warps, STAGES=stages, JT=jt,
+                                               num_warps=warps)
     return y
 
 
 def tiles():
-    for u, rpt, warps, stages in itertools.product((4, 8, 16, 32), (1, 2, 4), (1, 2, 4), (2, 4)):
-        yield dict(u=u, rpt=rpt, warps=warps, stages=stages)
+    for u, rpt, warps, stages, jt in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8), (2, 4), (1, 2, 4)):
+        if u * jt <= 32 and not (jt == 1 and rpt == 8):
+            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt)
 
 
 def check() -> int:
