@@ -55,16 +55,28 @@ def _widen(h):
 
 
 @gluon.jit
+def _gdc(ASM: gl.constexpr):
+    gl.inline_asm_elementwise(ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _issue_x(i, buf, x_ptr, x_smem, xu, xj, U: gl.constexpr):
+    """cp.async step i's activation pairs into buffer buf."""
+    # .ca: the activations stay in L1 for the SM's other programs (every program reads all of them)
+    cp.async_copy_global_to_shared(x_smem.index(buf), x_ptr + (i * U + xu) * 64 + xj, cache_modifier=".ca")
+
+
+@gluon.jit
 def _issue(i, buf, p_ptr, x_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, x_smem, s_smem, z_smem, rows3, u3, j3, rmask3,
-           rows2, u2, rmask2, xu, xj, RW, stride_s, U: gl.constexpr):
-    """cp.async step i's words (three word rows), activations, scales and zero points into buffer buf."""
+           rows2, u2, rmask2, xu, xj, RW, stride_s, U: gl.constexpr, WITH_X: gl.constexpr = True):
+    """cp.async step i's words (three word rows), scales, zero points and (WITH_X) activations into buffer buf."""
     blk0 = i * U
     pw = p_ptr + rows3 * RW + (blk0 + u3) * 12 + j3
     cp.async_copy_global_to_shared(w0_smem.index(buf), pw, mask=rmask3)
     cp.async_copy_global_to_shared(w1_smem.index(buf), pw + 4, mask=rmask3)
     cp.async_copy_global_to_shared(w2_smem.index(buf), pw + 8, mask=rmask3)
-    # .ca: the activations stay in L1 for the SM's other programs (every program reads all of them)
-    cp.async_copy_global_to_shared(x_smem.index(buf), x_ptr + (blk0 + xu) * 64 + xj, cache_modifier=".ca")
+    if WITH_X:
+        _issue_x(i, buf, x_ptr, x_smem, xu, xj, U)
     cp.async_copy_global_to_shared(s_smem.index(buf), s_ptr + rows2 * stride_s + blk0 + u2, mask=rmask2)
     cp.async_copy_global_to_shared(z_smem.index(buf), z_ptr + rows2 * stride_s + blk0 + u2, mask=rmask2)
 
@@ -72,7 +84,7 @@ def _issue(i, buf, p_ptr, x_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, x_smem
 @gluon.jit
 def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                       U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                      JT: gl.constexpr = 1):
+                      JT: gl.constexpr = 1, PDL: gl.constexpr = 0):
     TR: gl.constexpr = 32 // (U * JT)  # threads a warp along rows (JT: along a block's four lanes)
     R: gl.constexpr = RPT * TR * WARPS
     VS: gl.constexpr = 8 if U >= 8 else U  # fp16 scales per 16-byte (or smaller) copy
@@ -101,10 +113,20 @@ def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride
     xj = gl.arange(0, 64, layout=gl.SliceLayout(0, LX))[None, :]
 
     n_steps = n_blocks // U
+    # The first steps' weights, then (PDL: once the kernel before has written them) their
+    # activations; a group a step, the weights all in the first.
     for i in gl.static_range(STAGES - 1):
         if i < n_steps:
-            _issue(i, i, p_ptr, x_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, x_smem, s_smem, z_smem, rows3, u3, j3, rmask3,
-                   rows2, u2, rmask2, xu, xj, RW, stride_s, U)
+            _issue(i, i, p_ptr, x_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, x_smem, s_smem, z_smem, rows3, u3, j3,
+                   rmask3, rows2, u2, rmask2, xu, xj, RW, stride_s, U, PDL == 0)
+    if PDL:
+        _gdc("griddepcontrol.wait; // $0")
+        if PDL == 1:
+            _gdc("griddepcontrol.launch_dependents; // $0")
+    for i in gl.static_range(STAGES - 1):
+        if PDL:
+            if i < n_steps:
+                _issue_x(i, i, x_ptr, x_smem, xu, xj, U)
         cp.commit_group()
 
     zero3 = gl.zeros([R, U, 4], gl.uint32, L3)
@@ -150,12 +172,15 @@ def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride
             if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
                 acc += _widen(h) * s
                 h = zero3
+    if PDL == 2:
+        _gdc("griddepcontrol.launch_dependents; // $0")
     out = gl.sum(gl.sum(acc, axis=2), axis=1)
     rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
     gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
 
 
-def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1) -> torch.Tensor:
+def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
+              pdl: int = 0) -> torch.Tensor:
     if kw.bits != 3 or kw.block != 128 or kw.group_size != 128 or x.dtype != torch.float16:
         raise ValueError("the prototype takes W3, group size 128, fp16 activations")
     if kw.n_blocks % u:
@@ -166,23 +191,28 @@ def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, sta
     _gemv_smem_kernel[(triton.cdiv(n, rows),)](x.view(torch.int32), kw.packed, kw.scale, kw.zero, y, n,
                                                kw.n_blocks, kw.n_blocks * 12, kw.scale.stride(0),
                                                U=u, RPT=rpt, WARPS=warps, STAGES=stages, JT=jt,
-                                               num_warps=warps)
+                                               PDL=pdl, num_warps=warps, launch_pdl=pdl > 0)
     return y
 
 
-def tiles():
-    for u, rpt, warps, stages, jt in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8), (2, 4), (1, 2, 4)):
+def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,)):
+    """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay."""
+    if grid == "full":
+        space = itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8), (2, 4), (1, 2, 4))
+    else:
+        space = itertools.product((8, 16), (4, 8), (1, 2, 4), (2, 4), (2, 4))
+    for (u, rpt, warps, stages, jt), pdl in itertools.product(space, pdls):
         if u * jt <= 32 and not (jt == 1 and rpt == 8):
-            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt)
+            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl)
 
 
-def check() -> int:
+def check(args) -> int:
     bad = 0
     for n, k in ((4096, 14336), (1000, 4096)):
         kw = random_layout(n, k, 3, 128, 1, min_bytes=0)[0]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ref = reference_matmul(x, kw).float()
-        for t in tiles():
+        for t in tiles(args.grid, tuple(args.pdl)):
             if kw.n_blocks % t["u"]:
                 continue
             try:
@@ -216,8 +246,8 @@ def sweep(args) -> None:
             base[pdl] = per_copy_time(x, kws, chosen) * 1e6
         os.environ.pop("QUANTLRM_PDL")
         res["tuner"][short] = dict(config=repr(chosen), us_pdl=base["1"], us_no_pdl=base["0"])
-        best = None
-        for t in tiles():
+        best = {}
+        for t in tiles(args.grid, tuple(args.pdl)):
             if kws[0].n_blocks % t["u"]:
                 continue
             try:
@@ -227,11 +257,12 @@ def sweep(args) -> None:
                 continue
             row = dict(linear=short, tile=t, us=us, frac=nbytes / (us * 1e-6) / peak)
             res["rows"].append(row)
-            if best is None or us < best["us"]:
-                best = row
+            if t["pdl"] not in best or us < best[t["pdl"]]["us"]:
+                best[t["pdl"]] = row
         print(f"W3 {short}: tuner {base['1']:.1f} us ({nbytes / base['1'] / 1e-6 / peak:.0%}) with PDL, "
-              f"{base['0']:.1f} without; smem best {best['tile']} {best['us']:.1f} us ({best['frac']:.0%}) "
-              f"[{time.time() - t0:.0f}s]", flush=True)
+              f"{base['0']:.1f} without [{time.time() - t0:.0f}s]", flush=True)
+        for pdl, b in sorted(best.items()):
+            print(f"  smem best, PDL {pdl}: {b['tile']} {b['us']:.1f} us ({b['frac']:.0%})", flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         del kws
 
@@ -242,9 +273,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
+    ap.add_argument("--grid", choices=("small", "full"), default="small")
+    ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     args = ap.parse_args()
     if args.check:
-        check()
+        check(args)
     if args.sweep:
         sweep(args)
 
