@@ -67,6 +67,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 class Config:
     """One way to compute the product. kind: 'gemv' | 'gemm' | 'dequant' (then cuBLAS).
 
+    smem (`smem_gemv`, batch 1, W3 g128 fp16): block_n rows a thread, blocks_per_step blocks a step,
+    lane_threads threads along a block's four lanes, num_stages shared-memory buffers.
     gemv: block_n rows per program, one layout block per step (half2: blocks_per_step), x32:
     activations converted to fp32 once before the kernel instead of per code inside it, half2:
     16-bit arithmetic on code pairs (fp16 activations in half2, bf16 ones in bf16x2; 2-4 bits;
@@ -85,6 +87,7 @@ class Config:
     blocks_per_step: int = 1
     row_groups: int = 1
     x_once: bool = False
+    lane_threads: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
@@ -230,6 +233,15 @@ GEMV_H2_ROWQUAD_XONCE = tuple(
                          (1, 1, 16, True))
 )
 GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWQUAD_XONCE
+# The shared-memory GEMV (`smem_gemv`: weights through a cp.async ring, W3 g128 fp16): the fastest
+# tiles of `benchmarks/gemv_smem.py --sweep --pdl 0 1 2` on an H100, early PDL trigger: 8 rows a
+# thread, 2 warps, 2 buffers, 2 threads a block's lanes; 16 blocks a step on down_proj, qkv and
+# o_proj (12.4, 5.9, 4.1 us against 13.7, 7.3, 5.4 for the tuner's register walk), 8 on gate/up
+# (20.8 against 22.9 us, without the gated epilogue) (BENCHMARKS.md, Kernels, version 16).
+SMEM_GEMV_CONFIGS = tuple(
+    Config("smem", block_n=rpt, blocks_per_step=u, lane_threads=jt, num_warps=w, num_stages=st)
+    for rpt, u, jt, w, st in ((8, 16, 2, 2, 2), (8, 8, 2, 2, 2), (8, 8, 4, 2, 2), (4, 16, 2, 4, 2))
+)
 
 
 # Skinny batches (2..MAX_GEMV_ROWS rows): the GEMV decodes each code once for all rows; timed
@@ -245,7 +257,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
     """The configurations tried for `m` activation rows (the first one never needs timing)."""
     if m == 1:
         h2 = [replace(c, half2=True) for c in GEMV_H2_CONFIGS] if half2_ok(kw, dtype) else []
-        return list(GEMV_CONFIGS) + h2 + [Config("gemm", block_m=16, block_n=64, split_k=2)]
+        return list(GEMV_CONFIGS) + h2 + [Config("gemm", block_m=16, block_n=64, split_k=2)] + smem_candidates(kw, dtype)
     rows = list(GEMV_ROWS_CONFIGS) if m <= MAX_GEMV_ROWS else []
     if m <= 16:
         tiles = ((16, 64, 1, 4, 3), (16, 32, 4, 4, 3), (16, 128, 2, 4, 3))
@@ -265,6 +277,16 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype = torch.float16) -> 
     if m <= 16:  # the GEMM first: it is always valid (the tuner's fallback during graph capture)
         out += rows
     return out + [Config("dequant", block_n=16), Config("dequant", block_n=64)]
+
+
+def smem_candidates(kw: KernelWeight, dtype: torch.dtype) -> list[Config]:
+    """The shared-memory GEMV's tiles that fit this weight (none off a Hopper-or-later GPU)."""
+    from quantlrm.kernels import smem_gemv
+
+    if not smem_gemv.available(kw.packed.device):
+        return []
+    return [c for c in SMEM_GEMV_CONFIGS
+            if smem_gemv.eligible(kw.bits, kw.group_size, kw.block, dtype, kw.n_blocks, c.blocks_per_step)]
 
 
 def _pow2(n: int) -> int:
@@ -380,6 +402,11 @@ def run_config(x2: torch.Tensor, kw: KernelWeight, cfg: Config, act: bool = Fals
     if cfg.kind == "dequant":
         y = x2 @ dequant_triton(kw, x2.dtype, cfg.block_n).t()
         return gated(y) if act else y
+    if cfg.kind == "smem":
+        from quantlrm.kernels import smem_gemv
+
+        return smem_gemv.run(x2, kw, cfg.block_n, cfg.blocks_per_step, cfg.lane_threads, cfg.num_warps, cfg.num_stages,
+                             act, pdl_launch(x2.device, late=False))
     nb = kw.n_blocks
     u = cfg.blocks_per_step if cfg.half2 else 1
     per = tk.cdiv(tk.cdiv(nb, cfg.split_k), u) * u  # a split is whole steps
