@@ -643,3 +643,81 @@ def test_row_groups_other_than_one_two_or_four_are_refused():
     kw = L.from_codes(q.codes, q.scale, q.zero, 4, 128, torch.float16)
     with pytest.raises(ValueError, match="row_groups"):
         run_config(torch.randn(1, 128).half(), kw, Config("gemv", block_n=4, half2=True, row_groups=3))
+
+
+def test_smem_gemv_scope_and_clear_refusals():
+    """The shared-memory GEMV's scope (W3, group 128, fp16, whole steps) is decided without a device,
+    and run_config refuses a call outside it, or off a Hopper GPU, with a message naming why."""
+    from quantlrm.kernels import SMEM_GEMV_CONFIGS, Config, smem_gemv
+
+    assert smem_gemv.eligible(3, 128, 128, torch.float16, 112, 16)
+    assert not smem_gemv.eligible(3, 128, 128, torch.float16, 86, 16)  # 86 blocks: not whole 16-block steps
+    assert not smem_gemv.eligible(4, 128, 128, torch.float16, 32, 8)
+    assert not smem_gemv.eligible(3, 64, 64, torch.float16, 32, 8)
+    assert not smem_gemv.eligible(3, 128, 128, torch.bfloat16, 32, 8)
+    assert all(c.kind == "smem" for c in SMEM_GEMV_CONFIGS)
+    q = quantize(torch.randn(64, 2048), 3, 128)
+    kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128, torch.float16)
+    cfg = Config("smem", block_n=8, blocks_per_step=16, lane_threads=2, num_warps=2, num_stages=2)
+    with pytest.raises(ValueError, match="W3 weights of group size 128"):
+        run_config(torch.randn(1, 2048), kw, cfg)  # fp32 activations
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="Hopper-or-later CUDA GPU"):
+            run_config(torch.randn(1, 2048).half(), kw, cfg)
+        assert all(c.kind != "smem" for c in candidates(kw, 1, torch.float16))
+
+
+def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
+    """Under PDL the kernel may start while the one before it still writes the activations: in the
+    kernel's TTGIR for sm_90 (compiled on the CPU; structured, so text order is program order)
+    every activation copy (the `.ca` ones) comes after the wait and the first steps' weight
+    copies before it; without PDL there is no wait."""
+    pytest.importorskip("triton")
+    from quantlrm.kernels import smem_gemv
+
+    if smem_gemv.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
+           "N": "i32", "n_blocks": "i32", "RW": "i32", "stride_s": "i32"}
+    for pdl in (0, 1):
+        const = dict(U=16, RPT=8, WARPS=2, STAGES=2, JT=2, ACT=True, PDL=pdl)
+        src = GluonASTSource(fn=smem_gemv._gemv_smem_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
+                             constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5})
+        lines = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ttgir"].splitlines()
+        waits = [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln]
+        copies = [i for i, ln in enumerate(lines) if "async_copy_global_to_local" in ln]
+        acts = [i for i, ln in enumerate(lines) if "async_copy_global_to_local" in ln and "cacheModifier = ca" in ln]
+        assert acts and len(copies) > len(acts)
+        if pdl == 0:
+            assert not waits
+        else:
+            assert len(waits) == 1 and min(acts) > waits[0] and min(copies) < waits[0]
+
+
+@cuda
+def test_gpu_smem_gemv_matches_dequant_matmul(monkeypatch):
+    """Every shared-memory GEMV tile, plain and with the gated-MLP epilogue, with and without PDL, on
+    rows off the tile grid and a ragged K, against dequantize-then-matmul; the tiles are batch-1
+    candidates for such a weight on Hopper."""
+    from quantlrm.kernels import SMEM_GEMV_CONFIGS, smem_gemv
+
+    if not smem_gemv.available(torch.device("cuda")):
+        pytest.skip("the shared-memory GEMV needs Gluon and a Hopper-or-later GPU")
+    torch.manual_seed(3)
+    for n, k in ((1000, 2048), (334, 2000)):
+        q = quantize(torch.randn(n, k, device="cuda"), 3, 128)
+        kw = L.from_codes(q.codes, q.scale, q.zero, 3, 128, torch.float16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        ref = _ref(x, q, torch.float16)
+        gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+        assert [c for c in candidates(kw, 1, torch.float16) if c.kind == "smem"] == list(SMEM_GEMV_CONFIGS)
+        for pdl in ("1", "0"):
+            monkeypatch.setenv("QUANTLRM_PDL", pdl)
+            for c in SMEM_GEMV_CONFIGS:
+                y = run_config(x, kw, c)
+                assert y.shape == (1, n) and _relerr(y, ref) < 3e-3, (n, k, c, pdl, _relerr(y, ref))
+                assert _relerr(run_config(x, kw, c, act=True), gated_ref) < 3e-3, (n, k, c, pdl)
