@@ -109,14 +109,16 @@ def set_pdl_env(env: dict[str, str]) -> None:
 def tile_sets(mode: str) -> list[tuple[str, tuple]]:
     """`--tiles-ab`'s (tag, half2 tiles) variants: '1', the default candidates without the x_once
     tiles and all of them; 'rg2', also all but the row-pair x_once tiles; 'rg2only', only the last
-    two; 'rg4only', all of them and all but the row-quad x_once tiles."""
+    two; 'rg4only', all of them and all but the row-quad x_once tiles; 'smemonly', all of them with
+    and without the shared-memory GEMV's tiles (the '-smem' variant drops `SMEM_GEMV_CONFIGS`)."""
     import quantlrm.kernels as qk
 
     all_h2 = qk.GEMV_H2_CONFIGS
     sets = [("+no_xonce", tuple(c for c in all_h2 if not c.x_once)), ("", all_h2),
             ("-xonce_rg2", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWPAIR_XONCE))]
     rg4 = [("", all_h2), ("-xonce_rg4", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWQUAD_XONCE))]
-    return {"1": sets[:2], "rg2": sets, "rg2only": sets[1:], "rg4only": rg4}[mode]
+    smem = [("", all_h2), ("-smem", all_h2)]
+    return {"1": sets[:2], "rg2": sets, "rg2only": sets[1:], "rg4only": rg4, "smemonly": smem}[mode]
 
 
 def copy_bandwidth() -> float:
@@ -171,7 +173,8 @@ def module_bytes(m) -> int:
 def describe(c) -> str:
     """A tuned `quantlrm.kernels.Config` in one short string (recorded with each timing)."""
     return (f"{c.kind} m{c.block_m} n{c.block_n} w{c.num_warps} sk{c.split_k} x32={c.x32} half2={c.half2} "
-            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}" + (" x_once" if c.x_once else ""))
+            f"prefetch={c.prefetch} u{c.blocks_per_step} rg{c.row_groups}" + (" x_once" if c.x_once else "")
+            + (f" jt{c.lane_threads} st{c.num_stages}" if c.kind == "smem" else ""))
 
 
 def gemv_bench(sets: dict[str, dict[str, list]], peak: float) -> list[dict]:
@@ -396,11 +399,12 @@ def main() -> None:
                          "our kernels only (QUANTLRM_INDUCTOR_PDL=0); 'trigger': instead, the default against every GEMV "
                          "letting the next kernel launch as soon as it starts (QUANTLRM_PDL_TRIGGER=early) "
                          "and only after its main loop (=late)")
-    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only", "rg4only"),
+    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only", "rg4only", "smemonly"),
                     help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
                          "all of them, in the same run; 'rg2': also with all but the row-pair x_once tiles "
                          "(kernels.GEMV_H2_ROWPAIR_XONCE; version 13's default); 'rg2only': only all of them, and all "
-                         "but those; 'rg4only': all of them, and all but the row-quad x_once tiles; with --pdl-ab, each tile set under each PDL mode")
+                         "but those; 'rg4only': all of them, and all but the row-quad x_once tiles; 'smemonly': all of them "
+                         "with and without the shared-memory GEMV's tiles; with --pdl-ab, each tile set under each PDL mode")
     ap.add_argument("--reverse-order", action="store_true",
                     help="run the A/B variants in reverse order on odd repeats instead of even ones (to split one "
                          "experiment over two calls with balanced order)")
@@ -513,7 +517,7 @@ def main() -> None:
             pdl_modes = {"": {}, "+early": {"QUANTLRM_PDL_TRIGGER": "early"}, "+late": {"QUANTLRM_PDL_TRIGGER": "late"}}
     import quantlrm.kernels as qk
 
-    all_h2 = qk.GEMV_H2_CONFIGS
+    all_h2, all_smem = qk.GEMV_H2_CONFIGS, qk.SMEM_GEMV_CONFIGS
     variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
     if args.tiles_ab:  # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
         variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets(args.tiles_ab)
@@ -532,6 +536,7 @@ def main() -> None:
                 (variants[::-1] if (rep + args.reverse_order) % 2 == 0 else variants) if p != HALF else [("", {}, all_h2)])]
     for prec, comp, attn, tag, env, tiles, retune in runs:
         qk.GEMV_H2_CONFIGS = tiles
+        qk.SMEM_GEMV_CONFIGS = () if tag.startswith("-smem") else all_smem
         if retune and prec != HALF:
             for key in [k for k in qk._TUNED if k[3] == int(prec[1]) and (retune == "all" or k[0] == 1)]:
                 del qk._TUNED[key]
@@ -571,7 +576,7 @@ def main() -> None:
                   f"{prof['kernel_us_per_token'] / 1e3:.2f} ms of kernel time; " +
                   "; ".join(f"{k} {v['launches']:.0f} x = {v['us'] / 1e3:.2f} ms" for k, v in prof["by_kind"].items()),
                   flush=True)
-    qk.GEMV_H2_CONFIGS = all_h2
+    qk.GEMV_H2_CONFIGS, qk.SMEM_GEMV_CONFIGS = all_h2, all_smem
     res["inductor_pdl"] = inductor_pdl_audit()
     print(f"inductor kernels launched with PDL: {res['inductor_pdl']['pdl_kernels']}, without a wait: "
           f"{res['inductor_pdl']['without_wait'] or 'none'}", flush=True)
