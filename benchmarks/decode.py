@@ -110,7 +110,8 @@ def tile_sets(mode: str) -> list[tuple[str, tuple]]:
     """`--tiles-ab`'s (tag, half2 tiles) variants: '1', the default candidates without the x_once
     tiles and all of them; 'rg2', also all but the row-pair x_once tiles; 'rg2only', only the last
     two; 'rg4only', all of them and all but the row-quad x_once tiles; 'smemonly', all of them with
-    and without the shared-memory GEMV's tiles (the '-smem' variant drops `SMEM_GEMV_CONFIGS`)."""
+    and without the shared-memory GEMV's tiles (the '-smem' variant drops `SMEM_GEMV_CONFIGS`);
+    'smemall', also a variant with no half2 tile, where the shared-memory GEMV takes every shape it fits."""
     import quantlrm.kernels as qk
 
     all_h2 = qk.GEMV_H2_CONFIGS
@@ -118,7 +119,8 @@ def tile_sets(mode: str) -> list[tuple[str, tuple]]:
             ("-xonce_rg2", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWPAIR_XONCE))]
     rg4 = [("", all_h2), ("-xonce_rg4", tuple(c for c in all_h2 if c not in qk.GEMV_H2_ROWQUAD_XONCE))]
     smem = [("", all_h2), ("-smem", all_h2)]
-    return {"1": sets[:2], "rg2": sets, "rg2only": sets[1:], "rg4only": rg4, "smemonly": smem}[mode]
+    return {"1": sets[:2], "rg2": sets, "rg2only": sets[1:], "rg4only": rg4, "smemonly": smem,
+            "smemall": smem + [("+smem_all", ())]}[mode]
 
 
 def copy_bandwidth() -> float:
@@ -399,12 +401,12 @@ def main() -> None:
                          "our kernels only (QUANTLRM_INDUCTOR_PDL=0); 'trigger': instead, the default against every GEMV "
                          "letting the next kernel launch as soon as it starts (QUANTLRM_PDL_TRIGGER=early) "
                          "and only after its main loop (=late)")
-    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only", "rg4only", "smemonly"),
+    ap.add_argument("--tiles-ab", nargs="?", const="1", choices=("1", "rg2", "rg2only", "rg4only", "smemonly", "smemall"),
                     help="time each quantized precision with the tuner's half2 tiles minus the x_once ones and with "
                          "all of them, in the same run; 'rg2': also with all but the row-pair x_once tiles "
                          "(kernels.GEMV_H2_ROWPAIR_XONCE; version 13's default); 'rg2only': only all of them, and all "
                          "but those; 'rg4only': all of them, and all but the row-quad x_once tiles; 'smemonly': all of them "
-                         "with and without the shared-memory GEMV's tiles; with --pdl-ab, each tile set under each PDL mode")
+                         "with and without the shared-memory GEMV's tiles; 'smemall': also with no half2 tile; with --pdl-ab, each tile set under each PDL mode")
     ap.add_argument("--reverse-order", action="store_true",
                     help="run the A/B variants in reverse order on odd repeats instead of even ones (to split one "
                          "experiment over two calls with balanced order)")

@@ -101,3 +101,4 @@ def test_tiles_ab_sets_differ_by_exactly_the_tiles_they_name():
     assert set(GEMV_H2_CONFIGS) - set(quads["-xonce_rg4"]) == set(GEMV_H2_ROWQUAD_XONCE)
     assert all(c.row_groups == 4 for c in GEMV_H2_ROWQUAD_XONCE)
     assert [t for t, _ in D.tile_sets("smemonly")] == ["", "-smem"]  # the second drops SMEM_GEMV_CONFIGS
+    assert [t for t, _ in D.tile_sets("smemall")] == ["", "-smem", "+smem_all"] and dict(D.tile_sets("smemall"))["+smem_all"] == ()

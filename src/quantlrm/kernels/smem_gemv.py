@@ -208,9 +208,7 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
     if act and (n % 2 or r % 2):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
     y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
-    k = x2.shape[1]
-    xin = torch.nn.functional.pad(x2, (0, kw.n_blocks * kw.block - k)) if k % kw.block else x2
-    _gemv_smem_kernel[(tk.cdiv(n, r),)](xin.view(torch.int32), kw.packed, kw.scale, kw.zero, y, n, kw.n_blocks,
+    _gemv_smem_kernel[(tk.cdiv(n, r),)](x2.contiguous().view(torch.int32), kw.packed, kw.scale, kw.zero, y, n, kw.n_blocks,
                                         kw.n_blocks * kw.words_per_block, kw.scale.stride(0),
                                         U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
                                         JT=lane_threads, ACT=act, num_warps=warps, **launch)
