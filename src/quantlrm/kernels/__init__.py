@@ -238,6 +238,11 @@ GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWQUAD_XONCE
 # thread, 2 warps, 2 buffers, 2 threads a block's lanes; 16 blocks a step on down_proj, qkv and
 # o_proj (12.4, 5.9, 4.1 us against 13.7, 7.3, 5.4 for the tuner's register walk), 8 on gate/up
 # (20.8 against 22.9 us, without the gated epilogue) (BENCHMARKS.md, Kernels, version 16).
+# Those figures chain one kernel with itself, its early PDL trigger letting the next copy its
+# weights meanwhile. In decode the fused gate/up (1,792 programs, several waves) is followed by
+# down_proj: with gate/up on this kernel, down_proj's programs launched early and took 20.6 us
+# against 13.9, and gate/up was no faster (22.8 against 22.7). So `tune` leaves these tiles out of
+# the gated-MLP epilogue's candidates.
 SMEM_GEMV_CONFIGS = tuple(
     Config("smem", block_n=rpt, blocks_per_step=u, lane_threads=jt, num_warps=w, num_stages=st)
     for rpt, u, jt, w, st in ((8, 16, 2, 2, 2), (8, 8, 2, 2, 2), (8, 8, 4, 2, 2), (4, 16, 2, 4, 2))
@@ -522,6 +527,8 @@ def tune(x2: torch.Tensor, kw: KernelWeight, finalists: int = 3, rounds: int = 3
         raise ValueError("tune times kernels on a CUDA device, outside CUDA-graph capture")
     m = x2.shape[0]
     cands = candidates(kw, m, x2.dtype)
+    if act:  # see SMEM_GEMV_CONFIGS: not for the fused gate/up
+        cands = [c for c in cands if c.kind != "smem"]
     # Time each candidate over enough copies of the weight to overflow L2 (~100 MB), so the
     # choice is made on weights streamed from memory, as in a real model, not on a cached one.
     copies = [kw] + [KernelWeight(kw.packed.clone(), kw.scale.clone(), kw.zero.clone(), kw.bits,
