@@ -703,7 +703,7 @@ def test_gpu_smem_gemv_matches_dequant_matmul(monkeypatch):
     """Every shared-memory GEMV tile, plain and with the gated-MLP epilogue, with and without PDL, on
     rows off the tile grid, against dequantize-then-matmul; the tiles are batch-1 candidates for
     such a weight on Hopper. (Group 128 means K is a multiple of the block.)"""
-    from quantlrm.kernels import SMEM_GEMV_CONFIGS, smem_gemv
+    from quantlrm.kernels import SMEM_GEMV_CONFIGS, smem_gemv, tune
 
     if not smem_gemv.available(torch.device("cuda")):
         pytest.skip("the shared-memory GEMV needs Gluon and a Hopper-or-later GPU")
@@ -721,3 +721,5 @@ def test_gpu_smem_gemv_matches_dequant_matmul(monkeypatch):
                 y = run_config(x, kw, c)
                 assert y.shape == (1, n) and _relerr(y, ref) < 3e-3, (n, k, c, pdl, _relerr(y, ref))
                 assert _relerr(run_config(x, kw, c, act=True), gated_ref) < 3e-3, (n, k, c, pdl)
+    _, first, _ = tune(x, kw, act=True)  # not a candidate for the fused gate/up (see SMEM_GEMV_CONFIGS)
+    assert first and all(c.kind != "smem" for c in first)
