@@ -66,7 +66,8 @@ if gluon is not None:
 
     @gluon.jit
     def _copy_x(i, buf, x_ptr, x_smem, xu, xj, U: gl.constexpr):
-        # .ca: the activations stay in L1 for the SM's other programs (every program reads all of them)
+        # .ca asked, so the SM's other programs would find the activations in L1; Triton 3.6 emits
+        # 16-byte copies as cp.async.cg (L2 only) all the same (BENCHMARKS.md, Kernels, version 16)
         cp.async_copy_global_to_shared(x_smem.index(buf), x_ptr + (i * U + xu) * 64 + xj, cache_modifier=".ca")
 
     @gluon.jit
