@@ -240,8 +240,9 @@ GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWQUAD_XONCE
 # (20.8 against 22.9 us, without the gated epilogue) (BENCHMARKS.md, Kernels, version 16).
 # Those figures chain one kernel with itself, its early PDL trigger letting the next copy its
 # weights meanwhile. In decode the fused gate/up (1,792 programs, several waves) is followed by
-# down_proj: with gate/up on this kernel, down_proj's programs launched early and took 20.6 us
-# against 13.9, and gate/up was no faster (22.8 against 22.7). So `tune` leaves these tiles out of
+# down_proj: with gate/up on this kernel, down_proj took 20.6 us in the step against 13.9 (our
+# reading, not profiled: launched early, its programs waited on the SMs), and gate/up was no
+# faster (22.8 against 22.7). So `tune` leaves these tiles out of
 # the gated-MLP epilogue's candidates. With that, the tuner took them for qkv and o_proj: 7.2 and
 # 12.7 us in the step against 8.8 and 13.8, decode +2.7%, -1.7%, +3.6%, +2.0% in four paired
 # repeats (version 16, runs 8 and 10). `decode.py --tiles-ab smemonly` times the set without them.
