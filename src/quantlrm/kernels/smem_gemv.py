@@ -2,7 +2,7 @@
 
 Why a second GEMV: the register walk (`triton_kernels._gemv_h2_kernel`) loads each word
 straight into a register, so registers bound the bytes in flight. Nsight Compute found it
-latency-bound, with 2-4 warps a scheduler and no unit saturated (BENCHMARKS.md, Kernels, after
+latency-bound, with 1.9-3.8 warps a scheduler and no unit saturated (BENCHMARKS.md, Kernels, after
 version 15). Here a program copies its next steps' words, scales, zero points and activations
 into shared memory with cp.async, and no register is held while a copy is in flight. It then
 decodes a step from shared memory. Under PDL the first steps' weights are copied before the
@@ -16,15 +16,17 @@ a block), fp16 activations, a whole number of steps a row; Hopper or later (PDL)
 
 from __future__ import annotations
 
-import torch
+import os
 
-from quantlrm.kernels import triton_kernels as tk
+import torch
 
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-except ImportError:  # an older Triton: the register walk serves every shape
+
+    from quantlrm.kernels import triton_kernels as tk
+except ImportError:  # no Triton, or one without Gluon: the register walk (or torch) serves every shape
     gluon = None
 
 BITS, GROUP = 3, 128
@@ -38,8 +40,6 @@ def eligible(bits: int, group_size: int, block: int, dtype: torch.dtype, n_block
 
 def available(device: torch.device) -> bool:
     """Gluon importable and a Hopper-or-later CUDA device (not the CPU interpreter)."""
-    import os
-
     if gluon is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -209,7 +209,7 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
     if act and (n % 2 or r % 2):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
     y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
-    _gemv_smem_kernel[(tk.cdiv(n, r),)](x2.contiguous().view(torch.int32), kw.packed, kw.scale, kw.zero, y, n, kw.n_blocks,
+    _gemv_smem_kernel[(-(-n // r),)](x2.contiguous().view(torch.int32), kw.packed, kw.scale, kw.zero, y, n, kw.n_blocks,
                                         kw.n_blocks * kw.words_per_block, kw.scale.stride(0),
                                         U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
                                         JT=lane_threads, ACT=act, num_warps=warps, **launch)
