@@ -40,10 +40,11 @@ def eligible(bits: int, group_size: int, block: int, dtype: torch.dtype, n_block
 
 def available(device: torch.device) -> bool:
     """Gluon importable and a Hopper-or-later CUDA device (not the CPU interpreter)."""
+    from quantlrm.kernels import _device_index, _hopper_or_later
+
     if gluon is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return _hopper_or_later(_device_index(device))
 
 
 if gluon is not None:
