@@ -33,8 +33,10 @@ from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 @triton.jit
 def _read_kernel(p_ptr, out_ptr, n_words, BLOCK: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
     """Each program reads STEPS * BLOCK int32 words (all loads issued before any is used) and
-    stores their sum, so nothing is optimised away."""
-    if PDL:
+    stores their sum, so nothing is optimised away. PDL 1: wait for the kernel before, then
+    read; PDL 2: read, then wait (weights do not depend on the kernel before, so a GEMV may
+    stream them in while it finishes), each then letting the next kernel launch."""
+    if PDL == 1:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     base = tl.program_id(0).to(tl.int64) * (BLOCK * STEPS)
@@ -42,6 +44,9 @@ def _read_kernel(p_ptr, out_ptr, n_words, BLOCK: tl.constexpr, STEPS: tl.constex
     for s in tl.static_range(STEPS):
         offs = base + s * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(p_ptr + offs, mask=offs < n_words, other=0)
+    if PDL == 2:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
 
 
@@ -50,7 +55,7 @@ READ_TILES = [dict(BLOCK=b, STEPS=s, num_warps=w)
               if b // (32 * w) >= 4]  # at least one 16-byte load per thread per step
 
 
-def read_time(bufs: list[torch.Tensor], tile: dict, pdl: bool) -> float:
+def read_time(bufs: list[torch.Tensor], tile: dict, pdl: int) -> float:
     n = bufs[0].numel()
     grid = (triton.cdiv(n, tile["BLOCK"] * tile["STEPS"]),)
     out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
@@ -85,12 +90,14 @@ def main() -> None:
             set_pdl_env({})
             chosen, _, _ = tune(x, kws[0], act=act)
             t_gemv = per_copy_time(x, kws, chosen, act)
-            bufs = [torch.randint(-2**31, 2**31 - 1, ((nbytes + 3) // 4,), dtype=torch.int32, device=dev)
+            # a whole number of 16-word vectors, so Triton specialises n_words and loads 16 bytes at a time
+            bufs = [torch.randint(-2**31, 2**31 - 1, (-(-nbytes // 64) * 16,), dtype=torch.int32, device=dev)
                     for _ in kws]
             reads = {}
-            for pdl in (False, True) if pdl_ok else (False,):
+            for pdl in (0, 1, 2) if pdl_ok else (0,):
                 best = min(((read_time(bufs, t, pdl), t) for t in READ_TILES), key=lambda r: r[0])
-                reads["pdl" if pdl else "nopdl"] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak, tile=best[1])
+                reads[("nopdl", "pdl", "pdl_read_first")[pdl]] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak,
+                                                                      tile=best[1])
             dst = [torch.empty_like(b) for b in bufs]
             t_copy = graph_time(lambda dst=dst, bufs=bufs: [d.copy_(b) for d, b in zip(dst, bufs, strict=True)]) / len(bufs)
             row = dict(bits=bits, linear=short, bytes=nbytes, copies=len(kws),
