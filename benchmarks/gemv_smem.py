@@ -32,9 +32,15 @@ def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, sta
 
 
 def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,)):
-    """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay."""
+    """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay, "deep"
+    larger programs with rings deep enough to hold a small shape's whole row (read before the
+    PDL wait)."""
     if grid == "full":
         space = itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8), (2, 4), (1, 2, 4))
+    elif grid == "deep":
+        space = [(u, rpt, w, st, jt) for u, rpt, w, st, jt in
+                 itertools.product((8, 16), (4, 8), (2, 4, 8), (2, 3, 4, 6, 8), (2, 4))
+                 if smem_gemv.smem_bytes(rpt, u, jt, w, st) <= smem_gemv.SMEM_LIMIT]
     else:
         space = itertools.product((8, 16), (4, 8, 16), (1, 2, 4), (2, 4), (2, 4))
     for (u, rpt, warps, stages, jt), pdl in itertools.product(space, pdls):
@@ -88,7 +94,7 @@ def sweep(args) -> None:
         res["tuner"][short] = dict(config=repr(chosen), us_pdl=base["1"], us_no_pdl=base["0"], act=act)
         best = {}
         for t in tiles(args.grid, tuple(args.pdl)):
-            if kws[0].n_blocks % t["u"]:
+            if kws[0].n_blocks % t["u"] or t["stages"] > kws[0].n_blocks // t["u"] + 1:  # a deeper ring holds nothing more
                 continue
             try:
                 us = graph_time(lambda t=t, x=x, kws=kws, act=act: [gemv_smem(x, kw, **t, act=act) for kw in kws]) \
@@ -114,7 +120,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
-    ap.add_argument("--grid", choices=("small", "full"), default="small")
+    ap.add_argument("--grid", choices=("small", "full", "deep"), default="small")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     args = ap.parse_args()

@@ -89,7 +89,8 @@ if gluon is not None:
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
                           JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
-        # step; STAGES buffers a kind (a power of two), STAGES - 1 steps copied ahead.
+        # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
+        # the row: few large programs then read their whole share before the wait).
         TR: gl.constexpr = 32 // (U * JT)  # threads a warp along the rows
         R: gl.constexpr = RPT * TR * WARPS
         VS: gl.constexpr = 8 if U >= 8 else U  # fp16 scales a copy (16 bytes)
@@ -190,6 +191,15 @@ def rows_per_program(rows_per_thread: int, blocks_per_step: int, lane_threads: i
     return rows_per_thread * (32 // (blocks_per_step * lane_threads)) * warps
 
 
+SMEM_LIMIT = 227 * 1024  # a Hopper block's most dynamic shared memory
+
+
+def smem_bytes(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int, stages: int) -> int:
+    """Shared memory a tile asks for: a stage holds a step's three word rows, activations, scales and zeros."""
+    r, u = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps), blocks_per_step
+    return stages * (3 * r * u * 16 + u * 64 * 4 + 2 * r * u * 2)
+
+
 def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
         stages: int, act: bool, launch: dict) -> torch.Tensor:
     """y [1, N] (act: silu(gate) * up, [1, N/2]) for one activation row; launch: `pdl_launch`'s."""
@@ -203,8 +213,11 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
         raise ValueError(f"packed weight of strides {kw.packed.stride()} is not contiguous rows of n_blocks * W words")
     if not available(x2.device):
         raise ValueError("the shared-memory GEMV runs on a Hopper-or-later CUDA GPU only")
-    if blocks_per_step * lane_threads > 32 or stages not in (2, 4, 8):
-        raise ValueError("blocks_per_step * lane_threads must be at most 32 and stages 2, 4 or 8")
+    if blocks_per_step * lane_threads > 32 or not 2 <= stages <= 8:
+        raise ValueError("blocks_per_step * lane_threads must be at most 32 and stages 2 to 8")
+    if smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages) > SMEM_LIMIT:
+        raise ValueError(f"this tile needs {smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages)} "
+                         f"bytes of shared memory, more than the {SMEM_LIMIT} a Hopper block may have: fewer stages or rows")
     n = kw.out_features
     r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps)
     if act and (n % 2 or r % 2):
