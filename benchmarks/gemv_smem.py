@@ -48,6 +48,20 @@ def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,)):
             yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl)
 
 
+def strip_decode() -> None:
+    """Swap the kernel's half2 pair for one xor of the word and the activations, before anything
+    compiles: the copies, shared-memory reads and accumulation stay, the decode arithmetic goes
+    (and the mask, scale and zero-point terms that only fed it). Timing that says how much of the
+    GEMV's time is the memory path alone. Its outputs are meaningless."""
+    from triton.experimental import gluon
+
+    @gluon.jit
+    def _xor_pair(acc, src, mask, mult, nz, x):
+        return acc ^ src ^ x
+
+    smem_gemv._pair = _xor_pair
+
+
 def check(args) -> int:
     bad = 0
     for n, k in ((4096, 14336), (1000, 4096)):
@@ -123,7 +137,12 @@ def main() -> None:
     ap.add_argument("--grid", choices=("small", "full", "deep"), default="small")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
+    ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")
     args = ap.parse_args()
+    if args.no_decode:
+        if args.check:
+            ap.error("--no-decode computes nothing to check")
+        strip_decode()
     if args.check:
         check(args)
     if args.sweep:
