@@ -24,14 +24,11 @@ from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
 from quantlrm.kernels import reference_matmul, smem_gemv, tune  # noqa: E402
 
-WORD_ROWS = False  # --word-rows: read the words as if stored word row by word row (timing only)
-
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
               pdl: int = 0, act: bool = False) -> torch.Tensor:
     """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late)."""
-    launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
-    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, WROW=True) if WORD_ROWS else launch)
+    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(PDL=pdl, launch_pdl=True) if pdl else {})
 
 
 def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,)):
@@ -141,14 +138,7 @@ def main() -> None:
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")
-    ap.add_argument("--word-rows", action="store_true",
-                    help="read the random words as if stored word row by word row (WROW; timing only, not with --check)")
     args = ap.parse_args()
-    if args.word_rows:
-        if args.check:
-            ap.error("--word-rows reads the product's words in another order: nothing to check")
-        global WORD_ROWS
-        WORD_ROWS = True
     if args.no_decode:
         if args.check:
             ap.error("--no-decode computes nothing to check")

@@ -73,29 +73,21 @@ if gluon is not None:
 
     @gluon.jit
     def _copy_weights(i, buf, p_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, s_smem, z_smem, rows3, u3, j3,
-                      rows2, u2, N, RW, stride_s, U: gl.constexpr, WROW: gl.constexpr, n_blocks):
-        """Step i's three word rows, scales and zero points into buffer buf (rows past N: zeros).
-        WROW (experiment, timing only): a row's words stored word row by word row, so each copy
-        reads whole sectors."""
+                      rows2, u2, N, RW, stride_s, U: gl.constexpr):
+        """Step i's three word rows, scales and zero points into buffer buf (rows past N: zeros)."""
         blk0 = i * U
+        pw = p_ptr + rows3 * RW + (blk0 + u3) * 12 + j3
         m3 = rows3 < N  # broadcast by the copy: constant along each 16-byte vector
-        if WROW:
-            pw = p_ptr + rows3 * RW + (blk0 + u3) * 4 + j3
-            cp.async_copy_global_to_shared(w0_smem.index(buf), pw, mask=m3)
-            cp.async_copy_global_to_shared(w1_smem.index(buf), pw + n_blocks * 4, mask=m3)
-            cp.async_copy_global_to_shared(w2_smem.index(buf), pw + n_blocks * 8, mask=m3)
-        else:
-            pw = p_ptr + rows3 * RW + (blk0 + u3) * 12 + j3
-            cp.async_copy_global_to_shared(w0_smem.index(buf), pw, mask=m3)
-            cp.async_copy_global_to_shared(w1_smem.index(buf), pw + 4, mask=m3)
-            cp.async_copy_global_to_shared(w2_smem.index(buf), pw + 8, mask=m3)
+        cp.async_copy_global_to_shared(w0_smem.index(buf), pw, mask=m3)
+        cp.async_copy_global_to_shared(w1_smem.index(buf), pw + 4, mask=m3)
+        cp.async_copy_global_to_shared(w2_smem.index(buf), pw + 8, mask=m3)
         cp.async_copy_global_to_shared(s_smem.index(buf), s_ptr + rows2 * stride_s + blk0 + u2, mask=rows2 < N)
         cp.async_copy_global_to_shared(z_smem.index(buf), z_ptr + rows2 * stride_s + blk0 + u2, mask=rows2 < N)
 
     @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, WROW: gl.constexpr = False):
+                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
@@ -130,7 +122,7 @@ if gluon is not None:
         for i in gl.static_range(STAGES - 1):
             if i < n_steps:
                 _copy_weights(i, i, p_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, s_smem, z_smem, rows3, u3, j3,
-                              rows2, u2, N, RW, stride_s, U, WROW, n_blocks)
+                              rows2, u2, N, RW, stride_s, U)
         if PDL:
             _gdc("griddepcontrol.wait; // $0")
             if PDL == 1:
@@ -148,7 +140,7 @@ if gluon is not None:
             nxt = it + STAGES - 1
             if nxt < n_steps:
                 _copy_weights(nxt, nxt % STAGES, p_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
-                              rows3, u3, j3, rows2, u2, N, RW, stride_s, U, WROW, n_blocks)
+                              rows3, u3, j3, rows2, u2, N, RW, stride_s, U)
                 _copy_x(nxt, nxt % STAGES, x_ptr, x_smem, xu, xj, U)
             cp.commit_group()
             st = it % STAGES
