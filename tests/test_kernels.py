@@ -661,10 +661,38 @@ def test_smem_gemv_scope_and_clear_refusals():
     cfg = Config("smem", block_n=8, blocks_per_step=16, lane_threads=2, num_warps=2, num_stages=2)
     with pytest.raises(ValueError, match="W3 weights of group size 128"):
         run_config(torch.randn(1, 2048), kw, cfg)  # fp32 activations
+    if smem_gemv.gluon is not None:  # tile limits are checked before the device
+        with pytest.raises(ValueError, match="stages 2 to 8"):
+            run_config(torch.randn(1, 2048).half(), kw, replace(cfg, num_stages=9))
+        big = replace(cfg, block_n=16, num_warps=8, num_stages=8)  # 8 stages of 128 rows x 16 blocks: 8 x 108 KB
+        with pytest.raises(ValueError, match="needs 884736 bytes of shared memory, more than the 232448"):
+            run_config(torch.randn(1, 2048).half(), kw, big)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="Hopper-or-later CUDA GPU"):
             run_config(torch.randn(1, 2048).half(), kw, cfg)
         assert all(c.kind != "smem" for c in candidates(kw, 1, torch.float16))
+
+
+def test_smem_gemv_shared_memory_estimate_matches_the_compiler():
+    """`smem_bytes`, which refuses tiles past the card's 227 KB before compiling, is what the
+    compiler allocates (sm_90, compiled on the CPU), rings of any depth included."""
+    pytest.importorskip("triton")
+    from quantlrm.kernels import smem_gemv
+
+    if smem_gemv.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
+           "N": "i32", "n_blocks": "i32", "RW": "i32", "stride_s": "i32"}
+    for u, rpt, warps, stages, jt in ((16, 8, 2, 2, 2), (8, 4, 4, 3, 4), (16, 8, 8, 3, 2)):
+        const = dict(U=u, RPT=rpt, WARPS=warps, STAGES=stages, JT=jt, ACT=False, PDL=1)
+        src = GluonASTSource(fn=smem_gemv._gemv_smem_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
+                             constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5})
+        shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).metadata.shared
+        assert shared == smem_gemv.smem_bytes(rpt, u, jt, warps, stages), const
 
 
 def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
@@ -700,7 +728,7 @@ def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
 
 @cuda
 def test_gpu_smem_gemv_matches_dequant_matmul(monkeypatch):
-    """Every shared-memory GEMV tile, plain and with the gated-MLP epilogue, with and without PDL, on
+    """Every shared-memory GEMV tile (and two deeper rings), plain and with the gated-MLP epilogue, with and without PDL, on
     rows off the tile grid, against dequantize-then-matmul; the tiles are batch-1 candidates for
     such a weight on Hopper. (Group 128 means K is a multiple of the block.)"""
     from quantlrm.kernels import SMEM_GEMV_CONFIGS, smem_gemv, tune
@@ -717,7 +745,10 @@ def test_gpu_smem_gemv_matches_dequant_matmul(monkeypatch):
         assert [c for c in candidates(kw, 1, torch.float16) if c.kind == "smem"] == list(SMEM_GEMV_CONFIGS)
         for pdl in ("1", "0"):
             monkeypatch.setenv("QUANTLRM_PDL", pdl)
-            for c in SMEM_GEMV_CONFIGS:
+            # and rings deeper than the tuner's: a whole row ahead (3 stages of 8-block steps on
+            # K = 2048), and more buffers than steps
+            deep = [replace(SMEM_GEMV_CONFIGS[0], blocks_per_step=8, num_stages=st) for st in (3, 8)]
+            for c in list(SMEM_GEMV_CONFIGS) + deep:
                 y = run_config(x, kw, c)
                 assert y.shape == (1, n) and _relerr(y, ref) < 3e-3, (n, k, c, pdl, _relerr(y, ref))
                 assert _relerr(run_config(x, kw, c, act=True), gated_ref) < 3e-3, (n, k, c, pdl)
