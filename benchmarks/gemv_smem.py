@@ -22,30 +22,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import copy_bandwidth, graph_time, per_copy_time  # noqa: E402
 from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
-from quantlrm.kernels import reference_matmul, smem_gemv, tune  # noqa: E402
+from quantlrm.kernels import SMEM_GEMV_CONFIGS, reference_matmul, smem_gemv, tune  # noqa: E402
 
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
-              pdl: int = 0, act: bool = False) -> torch.Tensor:
-    """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late)."""
-    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(PDL=pdl, launch_pdl=True) if pdl else {})
+              pdl: int = 0, act: bool = False, xreg: int = 0) -> torch.Tensor:
+    """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late; xreg: the
+    activations through registers, a copy group a step's weights)."""
+    launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
+    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
 
 
-def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,)):
+def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (0,)):
     """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay, "deep"
     larger programs with rings deep enough to hold a small shape's whole row (read before the
     PDL wait)."""
     if grid == "full":
         space = itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8), (2, 4), (1, 2, 4))
+    elif grid == "cand":  # the candidates, and each with 3 and 4 stages
+        space = [(c.blocks_per_step, c.block_n, c.num_warps, st, c.lane_threads)
+                 for c in SMEM_GEMV_CONFIGS for st in (c.num_stages, 3, 4)]
+    elif grid == "mid":
+        space = [t for t in itertools.product((8, 16), (4, 8), (2, 4), (2, 3, 4), (2, 4)) if t[0] * t[4] <= 32]
     elif grid == "deep":
         space = [(u, rpt, w, st, jt) for u, rpt, w, st, jt in
                  itertools.product((8, 16), (4, 8), (2, 4, 8), (2, 3, 4, 6, 8), (2, 4))
                  if smem_gemv.smem_bytes(rpt, u, jt, w, st) <= smem_gemv.SMEM_LIMIT]
     else:
         space = itertools.product((8, 16), (4, 8, 16), (1, 2, 4), (2, 4), (2, 4))
-    for (u, rpt, warps, stages, jt), pdl in itertools.product(space, pdls):
+    for (u, rpt, warps, stages, jt), pdl, xreg in itertools.product(space, pdls, xregs):
         if u * jt <= 32 and not (jt == 1 and rpt >= 8) and not (rpt == 16 and (jt < 2 or stages > 2)):
-            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl)
+            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl, xreg=xreg)
 
 
 def strip_decode() -> None:
@@ -68,7 +75,7 @@ def check(args) -> int:
         kw = random_layout(n, k, 3, 128, 1, min_bytes=0)[0]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ref = reference_matmul(x, kw).float()
-        for t in tiles(args.grid, tuple(args.pdl)):
+        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg)):
             if kw.n_blocks % t["u"]:
                 continue
             try:
@@ -107,7 +114,7 @@ def sweep(args) -> None:
         os.environ.pop("QUANTLRM_PDL")
         res["tuner"][short] = dict(config=repr(chosen), us_pdl=base["1"], us_no_pdl=base["0"], act=act)
         best = {}
-        for t in tiles(args.grid, tuple(args.pdl)):
+        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg)):
             if kws[0].n_blocks % t["u"] or t["stages"] > kws[0].n_blocks // t["u"] + 1:  # a deeper ring holds nothing more
                 continue
             try:
@@ -118,12 +125,13 @@ def sweep(args) -> None:
                 continue
             row = dict(linear=short, tile=t, us=us, frac=nbytes / (us * 1e-6) / peak)
             res["rows"].append(row)
-            if t["pdl"] not in best or us < best[t["pdl"]]["us"]:
-                best[t["pdl"]] = row
+            key = (t["pdl"], t["xreg"])
+            if key not in best or us < best[key]["us"]:
+                best[key] = row
         print(f"W3 {short}: tuner {base['1']:.1f} us ({nbytes / base['1'] / 1e-6 / peak:.0%}) with PDL, "
               f"{base['0']:.1f} without [{time.time() - t0:.0f}s]", flush=True)
-        for pdl, b in sorted(best.items()):
-            print(f"  smem best, PDL {pdl}: {b['tile']} {b['us']:.1f} us ({b['frac']:.0%})", flush=True)
+        for (pdl, xreg), b in sorted(best.items()):
+            print(f"  smem best, PDL {pdl}, xreg {xreg}: {b['tile']} {b['us']:.2f} us ({b['frac']:.0%})", flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         del kws
 
@@ -134,7 +142,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
-    ap.add_argument("--grid", choices=("small", "full", "deep"), default="small")
+    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid"), default="small")
+    ap.add_argument("--xreg", type=int, nargs="+", default=[0],
+                    help="0: activations copied with the weights; 1: through registers, a copy group a step (both: A/B)")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")

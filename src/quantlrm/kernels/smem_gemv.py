@@ -87,7 +87,7 @@ if gluon is not None:
     @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0):
+                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = False):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
@@ -118,30 +118,42 @@ if gluon is not None:
 
         n_steps = n_blocks // U
         # The first steps' weights, then (PDL: once the kernel before has finished) their
-        # activations; one copy group a step, the first also holding every early step's weights.
+        # activations. XREG: one copy group a step's weights, and the activations loaded into
+        # registers a step ahead and stored to shared memory, so step 0 waits for its own copies
+        # only. Otherwise the activations are copied too: one group a step, the first also holding
+        # every early step's weights (all of them land before step 0 starts).
         for i in gl.static_range(STAGES - 1):
             if i < n_steps:
                 _copy_weights(i, i, p_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, s_smem, z_smem, rows3, u3, j3,
                               rows2, u2, N, RW, stride_s, U)
+            if XREG:
+                cp.commit_group()
         if PDL:
             _gdc("griddepcontrol.wait; // $0")
             if PDL == 1:
                 _gdc("griddepcontrol.launch_dependents; // $0")
-        for i in gl.static_range(STAGES - 1):
-            if i < n_steps:
-                _copy_x(i, i, x_ptr, x_smem, xu, xj, U)
-            cp.commit_group()
+        if XREG:
+            xr = gl.load(x_ptr + xu * 64 + xj)
+        else:
+            for i in gl.static_range(STAGES - 1):
+                if i < n_steps:
+                    _copy_x(i, i, x_ptr, x_smem, xu, xj, U)
+                cp.commit_group()
 
         zero3 = gl.zeros([R, U, 4], gl.uint32, L3)
         acc = gl.zeros([R, U, 4], gl.float32, L3)
         for it in range(n_steps):
+            if XREG:  # this step's activations in, the next step's asked for (the last step's again at the end)
+                x_smem.index(it % STAGES).store(xr)
+                xr = gl.load(x_ptr + (gl.minimum(it + 1, n_steps - 1) * U + xu) * 64 + xj)
             cp.wait_group(STAGES - 2)
             gl.thread_barrier()  # step it visible to every thread; every thread done with step it-1's buffer
             nxt = it + STAGES - 1
             if nxt < n_steps:
                 _copy_weights(nxt, nxt % STAGES, p_ptr, s_ptr, z_ptr, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
                               rows3, u3, j3, rows2, u2, N, RW, stride_s, U)
-                _copy_x(nxt, nxt % STAGES, x_ptr, x_smem, xu, xj, U)
+                if not XREG:
+                    _copy_x(nxt, nxt % STAGES, x_ptr, x_smem, xu, xj, U)
             cp.commit_group()
             st = it % STAGES
             w0 = w0_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
