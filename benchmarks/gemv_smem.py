@@ -26,14 +26,14 @@ from quantlrm.kernels import SMEM_GEMV_CONFIGS, reference_matmul, smem_gemv, tun
 
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
-              pdl: int = 0, act: bool = False, xreg: int = 0) -> torch.Tensor:
+              pdl: int = 0, act: bool = False, xreg: int = 1) -> torch.Tensor:
     """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late; xreg: the
     activations through registers, a copy group a step's weights)."""
     launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
     return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
 
 
-def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (0,)):
+def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,)):
     """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay, "deep"
     larger programs with rings deep enough to hold a small shape's whole row (read before the
     PDL wait)."""
@@ -143,8 +143,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
     ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid"), default="small")
-    ap.add_argument("--xreg", type=int, nargs="+", default=[0],
-                    help="0: activations copied with the weights; 1: through registers, a copy group a step (both: A/B)")
+    ap.add_argument("--xreg", type=int, nargs="+", default=[1],
+                    help="1 (the kernel's default): activations through registers, a copy group a step; 0: activations "
+                         "copied with the weights (runs before 6); both: A/B")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")

@@ -5,6 +5,7 @@ Every check compares against dequantize-then-matmul written here from the quanti
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -698,8 +699,9 @@ def test_smem_gemv_shared_memory_estimate_matches_the_compiler():
 def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
     """Under PDL the kernel may start while the one before it still writes the activations: in the
     kernel's TTGIR for sm_90 (compiled on the CPU; structured, so text order is program order)
-    every activation copy (the `.ca` ones) comes after the wait and the first steps' weight
-    copies before it; without PDL there is no wait."""
+    every activation read comes after the wait and the first steps' weight copies before it;
+    without PDL there is no wait. The activations are plain loads by default (XREG), with each
+    early step's weights in a copy group of its own, or `.ca` copies in the older form."""
     pytest.importorskip("triton")
     from quantlrm.kernels import smem_gemv
 
@@ -711,19 +713,26 @@ def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
 
     sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
            "N": "i32", "n_blocks": "i32", "RW": "i32", "stride_s": "i32"}
-    for pdl in (0, 1):
-        const = dict(U=16, RPT=8, WARPS=2, STAGES=2, JT=2, ACT=True, PDL=pdl)
+    for pdl, xreg in itertools.product((0, 1), (True, False)):
+        const = dict(U=16, RPT=8, WARPS=2, STAGES=3, JT=2, ACT=True, PDL=pdl, XREG=xreg)
         src = GluonASTSource(fn=smem_gemv._gemv_smem_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
                              constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5})
         lines = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ttgir"].splitlines()
         waits = [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln]
         copies = [i for i, ln in enumerate(lines) if "async_copy_global_to_local" in ln]
-        acts = [i for i, ln in enumerate(lines) if "async_copy_global_to_local" in ln and "cacheModifier = ca" in ln]
-        assert acts and len(copies) > len(acts)
+        commits = [i for i, ln in enumerate(lines) if "async_commit_group" in ln]
+        if xreg:
+            acts = [i for i, ln in enumerate(lines) if "tt.load" in ln]
+            assert not [i for i in copies if "cacheModifier = ca" in lines[i]]
+        else:
+            acts = [i for i, ln in enumerate(lines) if "async_copy_global_to_local" in ln and "cacheModifier = ca" in ln]
+        assert acts and len(copies) > len(acts) and len(copies) > 10  # two steps' weights ahead: 5 copies each
         if pdl == 0:
             assert not waits
         else:
             assert len(waits) == 1 and min(acts) > waits[0] and min(copies) < waits[0]
+            # XREG: one group a step ahead is closed before the wait; otherwise none is
+            assert sum(c < waits[0] for c in commits) == (2 if xreg else 0)
 
 
 @cuda

@@ -87,7 +87,7 @@ if gluon is not None:
     @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = False):
+                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
