@@ -3,11 +3,13 @@
 Why a second GEMV: the register walk (`triton_kernels._gemv_h2_kernel`) loads each word
 straight into a register, so registers bound the bytes in flight. Nsight Compute found it
 latency-bound, with 1.9-3.8 warps a scheduler and no unit saturated (BENCHMARKS.md, Kernels, after
-version 15). Here a program copies its next steps' words, scales, zero points and activations
-into shared memory with cp.async, and no register is held while a copy is in flight. It then
-decodes a step from shared memory. Under PDL the first steps' weights are copied before the
-wait for the kernel before, so they stream in while that kernel finishes; the activations
-are copied after the wait.
+version 15). Here a program copies its next steps' words, scales and zero points into shared
+memory with cp.async, and no register is held while a copy is in flight. It then decodes a step
+from shared memory. Under PDL the first steps' weights are copied before the wait for the
+kernel before, so they stream in while that kernel finishes, each step in a copy group of its
+own. The activations are read after the wait, into registers a step ahead, and stored to shared
+memory (XREG, the default; without it they are copied with cp.async too, which puts every early
+step's weights in the first group: BENCHMARKS.md, Kernels, after version 16).
 
 The decode is the half2 one of `_gemv_h2_kernel` (same PTX pair). A thread holds `rows` rows
 of one block, and 4 / lane_threads of its four lanes. Scope: 3 bits, group size 128 (one scale
