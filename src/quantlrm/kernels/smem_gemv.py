@@ -9,7 +9,7 @@ from shared memory. Under PDL the first steps' weights are copied before the wai
 kernel before, so they stream in while that kernel finishes, each step in a copy group of its
 own. The activations are read after the wait, into registers a step ahead, and stored to shared
 memory (XREG, the default; without it they are copied with cp.async too, which puts every early
-step's weights in the first group: BENCHMARKS.md, Kernels, after version 16).
+step's weights in the first group: BENCHMARKS.md, Kernels, version 17).
 
 The decode is the half2 one of `_gemv_h2_kernel` (same PTX pair). A thread holds `rows` rows
 of one block, and 4 / lane_threads of its four lanes. Scope: 3 bits, group size 128 (one scale
