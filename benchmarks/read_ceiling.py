@@ -6,9 +6,10 @@ o_proj is 6.8 MB: a kernel that reads it starts with nothing in flight and ends 
 and at ~3 TB/s that ramp is a large part of ~2.3 us. This asks what a kernel that does nothing
 but read those bytes reaches, timed the way `gemv_sweep.py` times the GEMV: one launch per copy
 of the bytes, enough copies to overflow L2, all in one CUDA graph. The read kernel is the best
-of a small grid of tiles (vector loads, several loads in flight per thread), with and without
-a PDL launch that waits for the kernel before it (as a GEMV that depends on its activations
-does); `torch.Tensor.copy_` of the same bytes is a second reference (read and write counted).
+of a small grid of tiles (vector loads, several loads in flight per thread), without PDL, with
+a PDL launch that waits for the kernel before it and then reads, and with one that reads first
+and then waits (as a GEMV may for its weights, which no kernel writes); `torch.Tensor.copy_` of
+the same bytes is a second reference (read and write counted).
 
     PYTHONPATH=src python3 benchmarks/read_ceiling.py --out read_ceiling.json
 """

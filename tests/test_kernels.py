@@ -674,9 +674,9 @@ def test_smem_gemv_scope_and_clear_refusals():
         assert all(c.kind != "smem" for c in candidates(kw, 1, torch.float16))
 
 
-def test_smem_gemv_shared_memory_estimate_matches_the_compiler():
-    """`smem_bytes`, which refuses tiles past the card's 227 KB before compiling, is what the
-    compiler allocates (sm_90, compiled on the CPU), rings of any depth included."""
+def _compile_smem_gemv(**const):
+    """The shared-memory GEMV compiled for sm_90 on the CPU (skips where Triton has no Gluon);
+    const: its constexprs, WARPS also the launch's warps."""
     pytest.importorskip("triton")
     from quantlrm.kernels import smem_gemv
 
@@ -688,12 +688,19 @@ def test_smem_gemv_shared_memory_estimate_matches_the_compiler():
 
     sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
            "N": "i32", "n_blocks": "i32", "RW": "i32", "stride_s": "i32"}
+    src = GluonASTSource(fn=smem_gemv._gemv_smem_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
+                         constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": const["WARPS"]})
+
+
+def test_smem_gemv_shared_memory_estimate_matches_the_compiler():
+    """`smem_bytes`, which refuses tiles past the card's 227 KB before compiling, is what the
+    compiler allocates (sm_90, compiled on the CPU), rings of any depth included."""
+    from quantlrm.kernels import smem_gemv
+
     for u, rpt, warps, stages, jt in ((16, 8, 2, 2, 2), (8, 4, 4, 3, 4), (16, 8, 8, 3, 2)):
-        const = dict(U=u, RPT=rpt, WARPS=warps, STAGES=stages, JT=jt, ACT=False, PDL=1)
-        src = GluonASTSource(fn=smem_gemv._gemv_smem_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
-                             constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5})
-        shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).metadata.shared
-        assert shared == smem_gemv.smem_bytes(rpt, u, jt, warps, stages), const
+        shared = _compile_smem_gemv(U=u, RPT=rpt, WARPS=warps, STAGES=stages, JT=jt, ACT=False, PDL=1).metadata.shared
+        assert shared == smem_gemv.smem_bytes(rpt, u, jt, warps, stages), (u, rpt, warps, stages, jt)
 
 
 def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
@@ -702,22 +709,9 @@ def test_smem_gemv_reads_activations_only_after_the_pdl_wait():
     every activation read comes after the wait and the first steps' weight copies before it;
     without PDL there is no wait. The activations are plain loads by default (XREG), with each
     early step's weights in a copy group of its own, or `.ca` copies in the older form."""
-    pytest.importorskip("triton")
-    from quantlrm.kernels import smem_gemv
-
-    if smem_gemv.gluon is None:
-        pytest.skip("this Triton has no Gluon")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    sig = {"x_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
-           "N": "i32", "n_blocks": "i32", "RW": "i32", "stride_s": "i32"}
     for pdl, xreg in itertools.product((0, 1), (True, False)):
-        const = dict(U=16, RPT=8, WARPS=2, STAGES=3, JT=2, ACT=True, PDL=pdl, XREG=xreg)
-        src = GluonASTSource(fn=smem_gemv._gemv_smem_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
-                             constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in range(9) if i != 5})
-        lines = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ttgir"].splitlines()
+        kernel = _compile_smem_gemv(U=16, RPT=8, WARPS=2, STAGES=3, JT=2, ACT=True, PDL=pdl, XREG=xreg)
+        lines = kernel.asm["ttgir"].splitlines()
         waits = [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln]
         copies = [i for i, ln in enumerate(lines) if "async_copy_global_to_local" in ln]
         commits = [i for i, ln in enumerate(lines) if "async_commit_group" in ln]
@@ -752,11 +746,11 @@ def test_gpu_smem_gemv_matches_dequant_matmul(monkeypatch):
         ref = _ref(x, q, torch.float16)
         gated_ref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
         assert [c for c in candidates(kw, 1, torch.float16) if c.kind == "smem"] == list(SMEM_GEMV_CONFIGS)
+        # and rings deeper than the tuner's: a whole row ahead (3 stages of 8-block steps on
+        # K = 2048), and more buffers than steps
+        deep = [replace(SMEM_GEMV_CONFIGS[0], blocks_per_step=8, num_stages=st) for st in (3, 8)]
         for pdl in ("1", "0"):
             monkeypatch.setenv("QUANTLRM_PDL", pdl)
-            # and rings deeper than the tuner's: a whole row ahead (3 stages of 8-block steps on
-            # K = 2048), and more buffers than steps
-            deep = [replace(SMEM_GEMV_CONFIGS[0], blocks_per_step=8, num_stages=st) for st in (3, 8)]
             for c in list(SMEM_GEMV_CONFIGS) + deep:
                 y = run_config(x, kw, c)
                 assert y.shape == (1, n) and _relerr(y, ref) < 3e-3, (n, k, c, pdl, _relerr(y, ref))

@@ -245,7 +245,9 @@ GEMV_H2_CONFIGS = GEMV_H2_CONFIGS + GEMV_H2_ROWQUAD_XONCE
 # faster (22.8 against 22.7). So `tune` leaves these tiles out of
 # the gated-MLP epilogue's candidates. With that, the tuner took them for qkv and o_proj: 7.2 and
 # 12.7 us in the step against 8.8 and 13.8, decode +2.7%, -1.7%, +3.6%, +2.0% in four paired
-# repeats (version 16, runs 8 and 10). `decode.py --tiles-ab smemonly` times the set without them.
+# repeats (version 16, runs 8 and 10). Since version 17 the kernel reads its activations through
+# registers (XREG); the first tile then got faster on every small shape and the tuner took it for
+# qkv, o_proj and down_proj (run 8). `decode.py --tiles-ab smemonly` times the set without them.
 SMEM_GEMV_CONFIGS = tuple(
     Config("smem", block_n=rpt, blocks_per_step=u, lane_threads=jt, num_warps=w, num_stages=st)
     for rpt, u, jt, w, st in ((8, 16, 2, 2, 2), (8, 8, 2, 2, 2), (8, 8, 4, 2, 2), (4, 16, 2, 4, 2))

@@ -227,9 +227,10 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
         raise ValueError(f"packed weight of strides {kw.packed.stride()} is not contiguous rows of n_blocks * W words")
     if blocks_per_step * lane_threads > 32 or not 2 <= stages <= 8:
         raise ValueError("blocks_per_step * lane_threads must be at most 32 and stages 2 to 8")
-    if smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages) > SMEM_LIMIT:
-        raise ValueError(f"this tile needs {smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages)} "
-                         f"bytes of shared memory, more than the {SMEM_LIMIT} a Hopper block may have: fewer stages or rows")
+    need = smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"this tile needs {need} bytes of shared memory, more than the {SMEM_LIMIT} a Hopper block "
+                         f"may have: fewer stages or rows")
     if not available(x2.device):
         raise ValueError("the shared-memory GEMV runs on a Hopper-or-later CUDA GPU only")
     n = kw.out_features
