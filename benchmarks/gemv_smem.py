@@ -26,14 +26,18 @@ from quantlrm.kernels import SMEM_GEMV_CONFIGS, reference_matmul, smem_gemv, tun
 
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
-              pdl: int = 0, act: bool = False, xreg: int = 1) -> torch.Tensor:
+              pdl: int = 0, act: bool = False, xreg: int = 1, tma: int = 0) -> torch.Tensor:
     """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late; xreg: the
-    activations through registers, a copy group a step's weights)."""
+    activations through registers, a copy group a step's weights; tma: the weights copied by TMA,
+    activations through registers)."""
     launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
+    if tma:
+        return smem_gemv.run_tma(x, kw, rpt, u, jt, warps, stages, act, launch)
     return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
 
 
-def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,)):
+def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,),
+          tmas: tuple[int, ...] = (0,)):
     """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay, "deep"
     larger programs with rings deep enough to hold a small shape's whole row (read before the
     PDL wait)."""
@@ -50,9 +54,11 @@ def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, .
                  if smem_gemv.smem_bytes(rpt, u, jt, w, st) <= smem_gemv.SMEM_LIMIT]
     else:
         space = itertools.product((8, 16), (4, 8, 16), (1, 2, 4), (2, 4), (2, 4))
-    for (u, rpt, warps, stages, jt), pdl, xreg in itertools.product(space, pdls, xregs):
+    for (u, rpt, warps, stages, jt), pdl, xreg, tma in itertools.product(space, pdls, xregs, tmas):
+        if tma and not xreg:  # the TMA kernel reads its activations through registers only
+            continue
         if u * jt <= 32 and not (jt == 1 and rpt >= 8) and not (rpt == 16 and (jt < 2 or stages > 2)):
-            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl, xreg=xreg)
+            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl, xreg=xreg, tma=tma)
 
 
 def strip_decode() -> None:
@@ -75,7 +81,7 @@ def check(args) -> int:
         kw = random_layout(n, k, 3, 128, 1, min_bytes=0)[0]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ref = reference_matmul(x, kw).float()
-        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg)):
+        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg), tuple(args.tma)):
             if kw.n_blocks % t["u"]:
                 continue
             try:
@@ -114,7 +120,7 @@ def sweep(args) -> None:
         os.environ.pop("QUANTLRM_PDL")
         res["tuner"][short] = dict(config=repr(chosen), us_pdl=base["1"], us_no_pdl=base["0"], act=act)
         best = {}
-        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg)):
+        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg), tuple(args.tma)):
             if kws[0].n_blocks % t["u"] or t["stages"] > kws[0].n_blocks // t["u"] + 1:  # a deeper ring holds nothing more
                 continue
             try:
@@ -125,13 +131,14 @@ def sweep(args) -> None:
                 continue
             row = dict(linear=short, tile=t, us=us, frac=nbytes / (us * 1e-6) / peak)
             res["rows"].append(row)
-            key = (t["pdl"], t["xreg"])
+            key = (t["pdl"], t["xreg"], t["tma"])
             if key not in best or us < best[key]["us"]:
                 best[key] = row
         print(f"W3 {short}: tuner {base['1']:.1f} us ({nbytes / base['1'] / 1e-6 / peak:.0%}) with PDL, "
               f"{base['0']:.1f} without [{time.time() - t0:.0f}s]", flush=True)
-        for (pdl, xreg), b in sorted(best.items()):
-            print(f"  smem best, PDL {pdl}, xreg {xreg}: {b['tile']} {b['us']:.2f} us ({b['frac']:.0%})", flush=True)
+        for (pdl, xreg, tma), b in sorted(best.items()):
+            print(f"  smem best, PDL {pdl}, xreg {xreg}, tma {tma}: {b['tile']} {b['us']:.2f} us ({b['frac']:.0%})",
+                  flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         del kws
 
@@ -146,6 +153,8 @@ def main() -> None:
     ap.add_argument("--xreg", type=int, nargs="+", default=[1],
                     help="1 (the kernel's default): activations through registers, a copy group a step; 0: activations "
                          "copied with the weights (runs before 6); both: A/B")
+    ap.add_argument("--tma", type=int, nargs="+", default=[0],
+                    help="1: the weights copied by TMA (`smem_gemv.run_tma`); 0: by cp.async; both: A/B")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")

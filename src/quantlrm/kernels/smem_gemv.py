@@ -26,6 +26,8 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from quantlrm.kernels import triton_kernels as tk
 except ImportError:  # no Triton, or one without Gluon: the register walk (or torch) serves every shape
@@ -85,6 +87,56 @@ if gluon is not None:
         cp.async_copy_global_to_shared(w2_smem.index(buf), pw + 8, mask=m3)
         cp.async_copy_global_to_shared(s_smem.index(buf), s_ptr + rows2 * stride_s + blk0 + u2, mask=rows2 < N)
         cp.async_copy_global_to_shared(z_smem.index(buf), z_ptr + rows2 * stride_s + blk0 + u2, mask=rows2 < N)
+
+    @gluon.jit
+    def _decode_step(w0_s, w1_s, w2_s, s_s, z_s, x_s, acc, zero3, L3: gl.constexpr):
+        """acc plus one step's products: the step's three word rows, scales, zero points and
+        activations, read from their shared-memory buffers (the half2 decode of `_gemv_h2_kernel`)."""
+        w0 = w0_s.load(L3).to(gl.uint32, bitcast=True)
+        w1 = w1_s.load(L3).to(gl.uint32, bitcast=True)
+        w2 = w2_s.load(L3).to(gl.uint32, bitcast=True)
+        s = gl.expand_dims(s_s.load(gl.SliceLayout(2, L3)).to(gl.float32) * 16.0, 2)
+        z = z_s.load(gl.SliceLayout(2, L3))
+        h = zero3
+        for sl in gl.static_range(16):  # slot sl: pair sl % 5 of word row sl // 5; 15 the spare slot
+            if sl < 15:
+                p = sl % 5
+                R_ = 3 * (p % 3)  # the pair's bit offset once the word is shifted by 9 for pairs 3, 4
+                word = w2
+                if sl // 5 == 0:
+                    word = w0
+                if sl // 5 == 1:
+                    word = w1
+                if p >= 3:
+                    word = word >> 9
+            else:  # gathered from bits 15 and 31 of the three words, at offset 6
+                R_ = 6
+                word = (((w0 >> 9) & (0x10001 << 6)) | ((w1 >> 8) & (0x20002 << 6))
+                        | ((w2 >> 7) & (0x40004 << 6)))
+            mult = zero3 + ((11 - R_) << 10) * 0x10001  # half2 of 2^-(R+4)
+            mask = zero3 + ((7 << R_) * 0x10001)
+            nz16 = (z * -0.0625 - 64.0 / (1 << R_)).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)
+            nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
+            xv = x_s.slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, L3)).to(gl.uint32, bitcast=True)
+            h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
+            if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
+                acc += _widen(h) * s
+                h = zero3
+        return acc
+
+    @gluon.jit
+    def _store_rows(acc, y_ptr, r0, N, R: gl.constexpr, WARPS: gl.constexpr, L3: gl.constexpr, ACT: gl.constexpr):
+        """A program's R sums (ACT: rows are interleaved (gate, up) pairs; silu(gate) * up is stored
+        at half the width)."""
+        out = gl.sum(gl.sum(acc, axis=2), axis=1)
+        if ACT:
+            LA: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
+            g, up = gl.split(gl.convert_layout(gl.reshape(out, [R // 2, 2]), LA))
+            half = gl.program_id(0) * (R // 2) + gl.arange(0, R // 2, layout=g.type.layout)
+            gl.store(y_ptr + half, (g / (1.0 + gl.exp(-g)) * up).to(gl.float16), mask=half < N // 2)
+        else:
+            rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+            gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
 
     @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
@@ -158,47 +210,83 @@ if gluon is not None:
                     _copy_x(nxt, nxt % STAGES, x_ptr, x_smem, xu, xj, U)
             cp.commit_group()
             st = it % STAGES
-            w0 = w0_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
-            w1 = w1_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
-            w2 = w2_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
-            s = gl.expand_dims(s_smem.index(st).load(gl.SliceLayout(2, L3)).to(gl.float32) * 16.0, 2)
-            z = z_smem.index(st).load(gl.SliceLayout(2, L3))
-            h = zero3
-            for sl in gl.static_range(16):  # slot sl: pair sl % 5 of word row sl // 5; 15 the spare slot
-                if sl < 15:
-                    p = sl % 5
-                    R_ = 3 * (p % 3)  # the pair's bit offset once the word is shifted by 9 for pairs 3, 4
-                    word = w2
-                    if sl // 5 == 0:
-                        word = w0
-                    if sl // 5 == 1:
-                        word = w1
-                    if p >= 3:
-                        word = word >> 9
-                else:  # gathered from bits 15 and 31 of the three words, at offset 6
-                    R_ = 6
-                    word = (((w0 >> 9) & (0x10001 << 6)) | ((w1 >> 8) & (0x20002 << 6))
-                            | ((w2 >> 7) & (0x40004 << 6)))
-                mult = zero3 + ((11 - R_) << 10) * 0x10001  # half2 of 2^-(R+4)
-                mask = zero3 + ((7 << R_) * 0x10001)
-                nz16 = (z * -0.0625 - 64.0 / (1 << R_)).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)
-                nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
-                xv = x_smem.index(st).slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, L3)).to(gl.uint32, bitcast=True)
-                h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
-                if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
-                    acc += _widen(h) * s
-                    h = zero3
+            acc = _decode_step(w0_smem.index(st), w1_smem.index(st), w2_smem.index(st), s_smem.index(st),
+                               z_smem.index(st), x_smem.index(st), acc, zero3, L3)
         if PDL == 2:
             _gdc("griddepcontrol.launch_dependents; // $0")
-        out = gl.sum(gl.sum(acc, axis=2), axis=1)
-        if ACT:  # rows are interleaved (gate, up) pairs: store silu(gate) * up at half the width
-            LA: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
-            g, up = gl.split(gl.convert_layout(gl.reshape(out, [R // 2, 2]), LA))
-            half = gl.program_id(0) * (R // 2) + gl.arange(0, R // 2, layout=g.type.layout)
-            gl.store(y_ptr + half, (g / (1.0 + gl.exp(-g)) * up).to(gl.float16), mask=half < N // 2)
-        else:
-            rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-            gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
+        _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
+
+
+    @gluon.jit
+    def _tma_step(i, buf, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
+                  bars, r0, U: gl.constexpr, NBYTES: gl.constexpr):
+        """Step i's three word rows, scales and zero points into buffer buf: five TMA copies that
+        complete on that buffer's barrier (rows past N arrive as zeros)."""
+        bar = bars.index(buf)
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(w0_desc, [r0, i * U, 0], bar, w0_smem.index(buf))
+        tma.async_copy_global_to_shared(w1_desc, [r0, i * U, 0], bar, w1_smem.index(buf))
+        tma.async_copy_global_to_shared(w2_desc, [r0, i * U, 0], bar, w2_smem.index(buf))
+        tma.async_copy_global_to_shared(s_desc, [r0, i * U], bar, s_smem.index(buf))
+        tma.async_copy_global_to_shared(z_desc, [r0, i * U], bar, z_smem.index(buf))
+
+    @gluon.jit
+    def _gemv_tma_kernel(x_ptr, w0_desc, w1_desc, w2_desc, s_desc, z_desc, y_ptr, N, n_blocks,
+                         U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
+                         JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0):
+        # `_gemv_smem_kernel`'s walk with the weights brought in by the copy engine (TMA): one
+        # thread asks for a step's five boxes, no thread holds a copy in flight, and each buffer
+        # has a barrier that counts its bytes in.
+        TR: gl.constexpr = 32 // (U * JT)
+        R: gl.constexpr = RPT * TR * WARPS
+        L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4 // JT], [TR, U, JT], [WARPS, 1, 1], [2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])
+        SH2: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        NBYTES: gl.constexpr = R * U * (3 * 16 + 2 * 2)
+        w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], w0_desc.layout)
+        w1_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], w1_desc.layout)
+        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], w2_desc.layout)
+        s_smem = gl.allocate_shared_memory(gl.float16, [STAGES, R, U], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(gl.float16, [STAGES, R, U], z_desc.layout)
+        x_smem = gl.allocate_shared_memory(gl.int32, [STAGES, U, 64], SH2)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+
+        r0 = gl.program_id(0) * R
+        xu = gl.arange(0, U, layout=gl.SliceLayout(1, LX))[:, None]
+        xj = gl.arange(0, 64, layout=gl.SliceLayout(0, LX))[None, :]
+        n_steps = n_blocks // U
+        for i in gl.static_range(STAGES - 1):  # weights depend on no kernel: asked for before the wait
+            if i < n_steps:
+                _tma_step(i, i, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
+                          bars, r0, U, NBYTES)
+        if PDL:
+            _gdc("griddepcontrol.wait; // $0")
+            if PDL == 1:
+                _gdc("griddepcontrol.launch_dependents; // $0")
+        xr = gl.load(x_ptr + xu * 64 + xj)
+
+        zero3 = gl.zeros([R, U, 4], gl.uint32, L3)
+        acc = gl.zeros([R, U, 4], gl.float32, L3)
+        for it in range(n_steps):
+            st = it % STAGES
+            x_smem.index(st).store(xr)
+            xr = gl.load(x_ptr + (gl.minimum(it + 1, n_steps - 1) * U + xu) * 64 + xj)
+            mbarrier.wait(bars.index(st), (it // STAGES) & 1)
+            gl.thread_barrier()  # step it's activations visible; every thread done with step it-1's buffer
+            nxt = it + STAGES - 1
+            if nxt < n_steps:
+                _tma_step(nxt, nxt % STAGES, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem,
+                          s_smem, z_smem, bars, r0, U, NBYTES)
+            acc = _decode_step(w0_smem.index(st), w1_smem.index(st), w2_smem.index(st), s_smem.index(st),
+                               z_smem.index(st), x_smem.index(st), acc, zero3, L3)
+        if PDL == 2:
+            _gdc("griddepcontrol.launch_dependents; // $0")
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
 
 
 def rows_per_program(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int) -> int:
@@ -214,9 +302,9 @@ def smem_bytes(rows_per_thread: int, blocks_per_step: int, lane_threads: int, wa
     return stages * (3 * r * u * 16 + u * 64 * 4 + 2 * r * u * 2)
 
 
-def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
-        stages: int, act: bool, launch: dict) -> torch.Tensor:
-    """y [1, N] (act: silu(gate) * up, [1, N/2]) for one activation row; launch: `pdl_launch`'s."""
+def _check(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
+           stages: int) -> None:
+    """Refuse, with the reason, what the shared-memory kernels cannot run (before any device check)."""
     if gluon is None:
         raise ValueError("the shared-memory GEMV needs Triton's Gluon (triton >= 3.5)")
     if x2.shape[0] != 1 or not eligible(kw.bits, kw.group_size, kw.block, x2.dtype, kw.n_blocks, blocks_per_step):
@@ -233,6 +321,12 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
                          f"may have: fewer stages or rows")
     if not available(x2.device):
         raise ValueError("the shared-memory GEMV runs on a Hopper-or-later CUDA GPU only")
+
+
+def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
+        stages: int, act: bool, launch: dict) -> torch.Tensor:
+    """y [1, N] (act: silu(gate) * up, [1, N/2]) for one activation row; launch: `pdl_launch`'s."""
+    _check(x2, kw, rows_per_thread, blocks_per_step, lane_threads, warps, stages)
     n = kw.out_features
     r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps)
     if act and (n % 2 or r % 2):
@@ -242,4 +336,38 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
                                         kw.n_blocks * kw.words_per_block, kw.scale.stride(0),
                                         U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
                                         JT=lane_threads, ACT=act, num_warps=warps, **launch)
+    return y
+
+
+def tma_descriptors(kw, rows: int, blocks_per_step: int) -> tuple:
+    """The five TMA descriptors of a weight for `_gemv_tma_kernel`: its three word rows, each a
+    [N, n_blocks, 4] view (block stride 12 words), and its scales and zero points, in boxes of
+    rows x blocks_per_step blocks."""
+    n, nb = kw.out_features, kw.n_blocks
+    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    s_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    rw = nb * kw.words_per_block
+    words = [TensorDescriptor(kw.packed[:, 4 * t:], [n, nb, 4], [rw, 12, 1], [rows, blocks_per_step, 4], w_layout)
+             for t in range(3)]
+    s, z = (TensorDescriptor(t, [n, nb], [t.stride(0), 1], [rows, blocks_per_step], s_layout)
+            for t in (kw.scale, kw.zero))
+    return (*words, s, z)
+
+
+def run_tma(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
+            stages: int, act: bool, launch: dict, descriptors: tuple | None = None) -> torch.Tensor:
+    """`run` with the weights copied by TMA (`_gemv_tma_kernel`); descriptors: `tma_descriptors`'
+    for this tile, made once and kept by the caller (each is host work)."""
+    _check(x2, kw, rows_per_thread, blocks_per_step, lane_threads, warps, stages)
+    if kw.scale.stride(0) % 8 or kw.zero.stride(0) % 8 or kw.packed.data_ptr() % 16:
+        raise ValueError("TMA needs 16-byte aligned rows of scales and zero points (n_blocks a multiple of 8)")
+    n = kw.out_features
+    r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps)
+    if act and (n % 2 or r % 2):
+        raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
+    descs = descriptors or tma_descriptors(kw, r, blocks_per_step)
+    y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
+    _gemv_tma_kernel[(-(-n // r),)](x2.contiguous().view(torch.int32), *descs, y, n, kw.n_blocks,
+                                       U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
+                                       JT=lane_threads, ACT=act, num_warps=warps, **launch)
     return y
