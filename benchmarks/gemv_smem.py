@@ -32,7 +32,9 @@ def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, sta
     activations through registers)."""
     launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
     if tma:
-        return smem_gemv.run_tma(x, kw, rpt, u, jt, warps, stages, act, launch)
+        return smem_gemv.run_tma(x, kw, rpt, u, jt, warps, stages, act, launch, wide=tma == 2)
+    if xreg == 2:  # TIMING ONLY: the first activations read before the PDL wait
+        return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=True, XEARLY=True))
     return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
 
 
@@ -73,6 +75,29 @@ def strip_decode() -> None:
         return acc ^ src ^ x
 
     smem_gemv._pair = _xor_pair
+
+
+_LOADED: list[int] = []  # every CUfunction Triton loaded in this process (see `track_loads`)
+
+
+def track_loads() -> None:
+    """Record each kernel's CUfunction as Triton loads it, so `set_carveout` can reach them."""
+    import triton
+
+    triton.knobs.runtime.kernel_load_end_hook.add(lambda module, function, *rest: _LOADED.append(function))
+
+
+def set_carveout(percent: int) -> None:
+    """The preferred shared-memory carveout (percent of the unified L1/shared memory; -1: the
+    driver's choice) of every kernel loaded so far. Triton asks for the most shared memory only
+    for kernels over 48 KB; below that the driver picks a carveout per kernel."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    for f in _LOADED:
+        rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(f), 9, ctypes.c_int(percent))  # 9: ..._PREFERRED_SHARED_MEMORY_CARVEOUT
+        if rc:
+            raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}) returned {rc}")
 
 
 def check(args) -> int:
@@ -123,22 +148,27 @@ def sweep(args) -> None:
         for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg), tuple(args.tma)):
             if kws[0].n_blocks % t["u"] or t["stages"] > kws[0].n_blocks // t["u"] + 1:  # a deeper ring holds nothing more
                 continue
-            try:
-                us = graph_time(lambda t=t, x=x, kws=kws, act=act: [gemv_smem(x, kw, **t, act=act) for kw in kws]) \
-                    / len(kws) * 1e6
-            except Exception as e:  # noqa: BLE001
-                res["rows"].append(dict(linear=short, tile=t, error=repr(e)[:200]))
-                continue
-            row = dict(linear=short, tile=t, us=us, frac=nbytes / (us * 1e-6) / peak)
-            res["rows"].append(row)
-            key = (t["pdl"], t["xreg"], t["tma"])
-            if key not in best or us < best[key]["us"]:
-                best[key] = row
+            for carve in args.carveout:
+                tc = dict(t, carveout=carve) if carve is not None else t
+                try:
+                    if carve is not None:
+                        gemv_smem(x, kws[0], **t, act=act)  # compiled and loaded before its carveout is set
+                        set_carveout(carve)
+                    us = graph_time(lambda t=t, x=x, kws=kws, act=act: [gemv_smem(x, kw, **t, act=act) for kw in kws]) \
+                        / len(kws) * 1e6
+                except Exception as e:  # noqa: BLE001
+                    res["rows"].append(dict(linear=short, tile=tc, error=repr(e)[:200]))
+                    continue
+                row = dict(linear=short, tile=tc, us=us, frac=nbytes / (us * 1e-6) / peak)
+                res["rows"].append(row)
+                key = (t["pdl"], t["xreg"], t["tma"], carve)
+                if key not in best or us < best[key]["us"]:
+                    best[key] = row
         print(f"W3 {short}: tuner {base['1']:.1f} us ({nbytes / base['1'] / 1e-6 / peak:.0%}) with PDL, "
               f"{base['0']:.1f} without [{time.time() - t0:.0f}s]", flush=True)
-        for (pdl, xreg, tma), b in sorted(best.items()):
-            print(f"  smem best, PDL {pdl}, xreg {xreg}, tma {tma}: {b['tile']} {b['us']:.2f} us ({b['frac']:.0%})",
-                  flush=True)
+        for (pdl, xreg, tma, carve), b in sorted(best.items(), key=str):
+            print(f"  smem best, PDL {pdl}, xreg {xreg}, tma {tma}, carveout {carve}: {b['tile']} {b['us']:.2f} us "
+                  f"({b['frac']:.0%})", flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         del kws
 
@@ -155,6 +185,9 @@ def main() -> None:
                          "copied with the weights (runs before 6); both: A/B")
     ap.add_argument("--tma", type=int, nargs="+", default=[0],
                     help="1: the weights copied by TMA (`smem_gemv.run_tma`); 0: by cp.async; both: A/B")
+    ap.add_argument("--carveout", type=int, nargs="+", default=[None],
+                    help="time each tile with these preferred shared-memory carveouts (percent; -1 the driver's "
+                         "choice), set on every loaded kernel; default: leave them alone")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")
@@ -163,6 +196,8 @@ def main() -> None:
         if args.check:
             ap.error("--no-decode computes nothing to check")
         strip_decode()
+    if args.carveout != [None]:
+        track_loads()
     if args.check:
         check(args)
     if args.sweep:

@@ -32,11 +32,14 @@ from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
 
 @triton.jit
-def _read_kernel(p_ptr, out_ptr, n_words, BLOCK: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
+def _read_kernel(p_ptr, out_ptr, n_words, x_ptr, x_words, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+                 PDL: tl.constexpr, X_BLOCK: tl.constexpr = 16):
     """Each program reads STEPS * BLOCK int32 words (all loads issued before any is used) and
     stores their sum, so nothing is optimised away. PDL 1: wait for the kernel before, then
     read; PDL 2: read, then wait (weights do not depend on the kernel before, so a GEMV may
-    stream them in while it finishes), each then letting the next kernel launch."""
+    stream them in while it finishes), each then letting the next kernel launch. PDL 3: as 2,
+    and then every program reads the x_words of the activations too, as a GEMV must once the
+    kernel that wrote them has finished."""
     if PDL == 1:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -45,10 +48,14 @@ def _read_kernel(p_ptr, out_ptr, n_words, BLOCK: tl.constexpr, STEPS: tl.constex
     for s in tl.static_range(STEPS):
         offs = base + s * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(p_ptr + offs, mask=offs < n_words, other=0)
-    if PDL == 2:
+    total = tl.sum(acc)
+    if PDL >= 2:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
+    if PDL == 3:
+        xo = tl.arange(0, X_BLOCK)
+        total += tl.sum(tl.load(x_ptr + xo, mask=xo < x_words, other=0))
+    tl.store(out_ptr + tl.program_id(0), total)
 
 
 READ_TILES = [dict(BLOCK=b, STEPS=s, num_warps=w)
@@ -56,12 +63,15 @@ READ_TILES = [dict(BLOCK=b, STEPS=s, num_warps=w)
               if b // (32 * w) >= 4]  # at least one 16-byte load per thread per step
 
 
-def read_time(bufs: list[torch.Tensor], tile: dict, pdl: int) -> float:
+def read_time(bufs: list[torch.Tensor], tile: dict, pdl: int, x: torch.Tensor) -> float:
+    """x: the activations as int32 words (read by PDL 3 only)."""
     n = bufs[0].numel()
     grid = (triton.cdiv(n, tile["BLOCK"] * tile["STEPS"]),)
     out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
     extra = dict(launch_pdl=True) if pdl else {}
-    return graph_time(lambda: [_read_kernel[grid](b, out, n, PDL=pdl, **tile, **extra) for b in bufs]) / len(bufs)
+    xb = triton.next_power_of_2(x.numel())
+    return graph_time(lambda: [_read_kernel[grid](b, out, n, x, x.numel(), PDL=pdl, X_BLOCK=xb, **tile, **extra)
+                               for b in bufs]) / len(bufs)
 
 
 def main() -> None:
@@ -95,9 +105,10 @@ def main() -> None:
             bufs = [torch.randint(-2**31, 2**31 - 1, (-(-nbytes // 64) * 16,), dtype=torch.int32, device=dev)
                     for _ in kws]
             reads = {}
-            for pdl in (0, 1, 2) if pdl_ok else (0,):
-                best = min(((read_time(bufs, t, pdl), t) for t in READ_TILES), key=lambda r: r[0])
-                reads[("nopdl", "pdl", "pdl_read_first")[pdl]] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak,
+            xw = x.view(torch.int32).reshape(-1)
+            for pdl in (0, 1, 2, 3) if pdl_ok else (0,):
+                best = min(((read_time(bufs, t, pdl, xw), t) for t in READ_TILES), key=lambda r: r[0])
+                reads[("nopdl", "pdl", "pdl_read_first", "pdl_read_first_then_x")[pdl]] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak,
                                                                       tile=best[1])
             dst = [torch.empty_like(b) for b in bufs]
             t_copy = graph_time(lambda dst=dst, bufs=bufs: [d.copy_(b) for d, b in zip(dst, bufs, strict=True)]) / len(bufs)

@@ -141,7 +141,8 @@ if gluon is not None:
     @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True):
+                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True,
+                          XEARLY: gl.constexpr = False):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
@@ -182,12 +183,15 @@ if gluon is not None:
                               rows2, u2, N, RW, stride_s, U)
             if XREG:
                 cp.commit_group()
+        if XEARLY:  # TIMING ONLY: the first activations read before the wait (wrong under PDL)
+            xr = gl.load(x_ptr + xu * 64 + xj)
         if PDL:
             _gdc("griddepcontrol.wait; // $0")
             if PDL == 1:
                 _gdc("griddepcontrol.launch_dependents; // $0")
         if XREG:
-            xr = gl.load(x_ptr + xu * 64 + xj)
+            if not XEARLY:
+                xr = gl.load(x_ptr + xu * 64 + xj)
         else:
             for i in gl.static_range(STAGES - 1):
                 if i < n_steps:
@@ -219,21 +223,31 @@ if gluon is not None:
 
     @gluon.jit
     def _tma_step(i, buf, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
-                  bars, r0, U: gl.constexpr, NBYTES: gl.constexpr):
+                  bars, r0, U: gl.constexpr, NBYTES: gl.constexpr, WIDE: gl.constexpr = False):
         """Step i's three word rows, scales and zero points into buffer buf: five TMA copies that
         complete on that buffer's barrier (rows past N arrive as zeros)."""
         bar = bars.index(buf)
         mbarrier.expect(bar, NBYTES)
-        tma.async_copy_global_to_shared(w0_desc, [r0, i * U, 0], bar, w0_smem.index(buf))
-        tma.async_copy_global_to_shared(w1_desc, [r0, i * U, 0], bar, w1_smem.index(buf))
-        tma.async_copy_global_to_shared(w2_desc, [r0, i * U, 0], bar, w2_smem.index(buf))
+        if WIDE:  # TIMING ONLY: the step's 12U words a row as three [R, 4U] boxes (wrong word order)
+            R: gl.constexpr = w0_smem.shape[1]
+            LW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+            tma.async_copy_global_to_shared(w0_desc, [r0, i * U * 12], bar,
+                                            w0_smem.index(buf)._reinterpret(gl.int32, [R, 4 * U], LW))
+            tma.async_copy_global_to_shared(w1_desc, [r0, i * U * 12 + 4 * U], bar,
+                                            w1_smem.index(buf)._reinterpret(gl.int32, [R, 4 * U], LW))
+            tma.async_copy_global_to_shared(w2_desc, [r0, i * U * 12 + 8 * U], bar,
+                                            w2_smem.index(buf)._reinterpret(gl.int32, [R, 4 * U], LW))
+        else:
+            tma.async_copy_global_to_shared(w0_desc, [r0, i * U, 0], bar, w0_smem.index(buf))
+            tma.async_copy_global_to_shared(w1_desc, [r0, i * U, 0], bar, w1_smem.index(buf))
+            tma.async_copy_global_to_shared(w2_desc, [r0, i * U, 0], bar, w2_smem.index(buf))
         tma.async_copy_global_to_shared(s_desc, [r0, i * U], bar, s_smem.index(buf))
         tma.async_copy_global_to_shared(z_desc, [r0, i * U], bar, z_smem.index(buf))
 
     @gluon.jit
     def _gemv_tma_kernel(x_ptr, w0_desc, w1_desc, w2_desc, s_desc, z_desc, y_ptr, N, n_blocks,
                          U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                         JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0):
+                         JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, WIDE: gl.constexpr = False):
         # `_gemv_smem_kernel`'s walk with the weights brought in by the copy engine (TMA): one
         # thread asks for a step's five boxes, no thread holds a copy in flight, and each buffer
         # has a barrier that counts its bytes in.
@@ -243,9 +257,10 @@ if gluon is not None:
         LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])
         SH2: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         NBYTES: gl.constexpr = R * U * (3 * 16 + 2 * 2)
-        w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], w0_desc.layout)
-        w1_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], w1_desc.layout)
-        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], w2_desc.layout)
+        SW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+        w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], SW)
+        w1_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], SW)
+        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], SW)
         s_smem = gl.allocate_shared_memory(gl.float16, [STAGES, R, U], s_desc.layout)
         z_smem = gl.allocate_shared_memory(gl.float16, [STAGES, R, U], z_desc.layout)
         x_smem = gl.allocate_shared_memory(gl.int32, [STAGES, U, 64], SH2)
@@ -261,7 +276,7 @@ if gluon is not None:
         for i in gl.static_range(STAGES - 1):  # weights depend on no kernel: asked for before the wait
             if i < n_steps:
                 _tma_step(i, i, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
-                          bars, r0, U, NBYTES)
+                          bars, r0, U, NBYTES, WIDE)
         if PDL:
             _gdc("griddepcontrol.wait; // $0")
             if PDL == 1:
@@ -279,7 +294,7 @@ if gluon is not None:
             nxt = it + STAGES - 1
             if nxt < n_steps:
                 _tma_step(nxt, nxt % STAGES, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem,
-                          s_smem, z_smem, bars, r0, U, NBYTES)
+                          s_smem, z_smem, bars, r0, U, NBYTES, WIDE)
             acc = _decode_step(w0_smem.index(st), w1_smem.index(st), w2_smem.index(st), s_smem.index(st),
                                z_smem.index(st), x_smem.index(st), acc, zero3, L3)
         if PDL == 2:
@@ -355,7 +370,7 @@ def tma_descriptors(kw, rows: int, blocks_per_step: int) -> tuple:
 
 
 def run_tma(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
-            stages: int, act: bool, launch: dict, descriptors: tuple | None = None) -> torch.Tensor:
+            stages: int, act: bool, launch: dict, descriptors: tuple | None = None, wide: bool = False) -> torch.Tensor:
     """`run` with the weights copied by TMA (`_gemv_tma_kernel`); descriptors: `tma_descriptors`'
     for this tile, made once and kept by the caller (each is host work)."""
     _check(x2, kw, rows_per_thread, blocks_per_step, lane_threads, warps, stages)
@@ -366,6 +381,12 @@ def run_tma(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, la
     if act and (n % 2 or r % 2):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
     descs = descriptors or tma_descriptors(kw, r, blocks_per_step)
+    if wide:  # TIMING ONLY
+        lw = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        rw = kw.n_blocks * kw.words_per_block
+        w = TensorDescriptor(kw.packed, [n, rw], [rw, 1], [r, 4 * blocks_per_step], lw)
+        descs = (w, w, w, *descs[3:])
+        launch = dict(launch, WIDE=True)
     y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
     _gemv_tma_kernel[(-(-n // r),)](x2.contiguous().view(torch.int32), *descs, y, n, kw.n_blocks,
                                        U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
