@@ -48,10 +48,10 @@ def _read_kernel(p_ptr, out_ptr, n_words, x_ptr, x_words, BLOCK: tl.constexpr, S
     for s in tl.static_range(STEPS):
         offs = base + s * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(p_ptr + offs, mask=offs < n_words, other=0)
-    total = tl.sum(acc)
-    if PDL >= 2:
+    if PDL >= 2:  # (the loads are still in flight: nothing above uses them)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    total = tl.sum(acc)
     if PDL == 3:
         xo = tl.arange(0, X_BLOCK)
         total += tl.sum(tl.load(x_ptr + xo, mask=xo < x_words, other=0))

@@ -92,11 +92,17 @@ if gluon is not None:
     def _decode_step(w0_s, w1_s, w2_s, s_s, z_s, x_s, acc, zero3, L3: gl.constexpr):
         """acc plus one step's products: the step's three word rows, scales, zero points and
         activations, read from their shared-memory buffers (the half2 decode of `_gemv_h2_kernel`)."""
-        w0 = w0_s.load(L3).to(gl.uint32, bitcast=True)
-        w1 = w1_s.load(L3).to(gl.uint32, bitcast=True)
-        w2 = w2_s.load(L3).to(gl.uint32, bitcast=True)
-        s = gl.expand_dims(s_s.load(gl.SliceLayout(2, L3)).to(gl.float32) * 16.0, 2)
-        z = z_s.load(gl.SliceLayout(2, L3))
+        return _decode_regs(w0_s.load(L3), w1_s.load(L3), w2_s.load(L3), s_s.load(gl.SliceLayout(2, L3)),
+                            z_s.load(gl.SliceLayout(2, L3)), x_s, acc, zero3)
+
+    @gluon.jit
+    def _decode_regs(w0, w1, w2, s, z, x_s, acc, zero3):
+        """`_decode_step` on words (int32), scales and zero points (fp16) already in registers, in
+        the layout of acc and its slice; x_s: the step's activation pairs in shared memory."""
+        w0 = w0.to(gl.uint32, bitcast=True)
+        w1 = w1.to(gl.uint32, bitcast=True)
+        w2 = w2.to(gl.uint32, bitcast=True)
+        s = gl.expand_dims(s.to(gl.float32) * 16.0, 2)
         h = zero3
         for sl in gl.static_range(16):  # slot sl: pair sl % 5 of word row sl // 5; 15 the spare slot
             if sl < 15:
@@ -117,7 +123,7 @@ if gluon is not None:
             mask = zero3 + ((7 << R_) * 0x10001)
             nz16 = (z * -0.0625 - 64.0 / (1 << R_)).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)
             nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
-            xv = x_s.slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, L3)).to(gl.uint32, bitcast=True)
+            xv = x_s.slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, acc.type.layout)).to(gl.uint32, bitcast=True)
             h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
             if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
                 acc += _widen(h) * s
@@ -304,6 +310,65 @@ if gluon is not None:
         _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
 
 
+    @gluon.jit
+    def _gemv_row_regs_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, RW, stride_s,
+                              U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, ACT: gl.constexpr,
+                              PDL: gl.constexpr = 0, SPLIT: gl.constexpr = 1):
+        # A row's U blocks (a K split of them: program_id(1)) loaded into registers before the PDL
+        # wait, the activations then staged in shared memory: no copy ring, no barrier but one,
+        # every byte of a program asked for at its start. (A lane thread per block: JT 1, TR 1.)
+        # SPLIT > 1: each split stores its partial sums to the workspace, and the last to arrive
+        # (an atomic count per row tile) adds them in split order, stores y and re-arms the count.
+        TR: gl.constexpr = 32 // U  # threads a warp along the rows
+        R: gl.constexpr = RPT * TR * WARPS
+        L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4], [TR, U, 1], [WARPS, 1, 1], [2, 1, 0])
+        LS: gl.constexpr = gl.SliceLayout(2, L3)
+        LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])
+        SH2: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        x_smem = gl.allocate_shared_memory(gl.int32, [U, 64], SH2)
+
+        r0 = gl.program_id(0) * R
+        b0 = gl.program_id(1) * U
+        rows3 = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, LS))[:, None, None]
+        u3 = b0 + gl.arange(0, U, layout=gl.SliceLayout(0, LS))[None, :, None]
+        j3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
+        rows2 = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, LS))[:, None]
+        u2 = b0 + gl.arange(0, U, layout=gl.SliceLayout(0, LS))[None, :]
+        m3 = rows3 < N
+        pw = p_ptr + rows3 * RW + u3 * 12 + j3
+        w0 = gl.load(pw, mask=m3, other=0)
+        w1 = gl.load(pw + 4, mask=m3, other=0)
+        w2 = gl.load(pw + 8, mask=m3, other=0)
+        s = gl.load(s_ptr + rows2 * stride_s + u2, mask=rows2 < N, other=0.0)
+        z = gl.load(z_ptr + rows2 * stride_s + u2, mask=rows2 < N, other=0.0)
+        if PDL:
+            _gdc("griddepcontrol.wait; // $0")
+            if PDL == 1:
+                _gdc("griddepcontrol.launch_dependents; // $0")
+        xu = gl.arange(0, U, layout=gl.SliceLayout(1, LX))[:, None]
+        xj = gl.arange(0, 64, layout=gl.SliceLayout(0, LX))[None, :]
+        x_smem.store(gl.load(x_ptr + (b0 + xu) * 64 + xj))
+        gl.thread_barrier()
+        zero3 = gl.zeros([R, U, 4], gl.uint32, L3)
+        acc = _decode_regs(w0, w1, w2, s, z, x_smem, gl.zeros([R, U, 4], gl.float32, L3), zero3)
+        if PDL == 2:
+            _gdc("griddepcontrol.launch_dependents; // $0")
+        if SPLIT == 1:
+            _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
+        else:
+            out = gl.sum(gl.sum(acc, axis=2), axis=1)
+            rows = r0 + gl.arange(0, R, layout=out.type.layout)
+            gl.store(ws_ptr + gl.program_id(1) * N + rows, out, mask=rows < N)
+            gl.thread_barrier()  # every thread's partial is written before the release below
+            done = gl.atomic_add(cnt_ptr + gl.program_id(0), 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                tot = gl.zeros_like(out)
+                for k in gl.static_range(SPLIT):  # .cg: from L2, never a stale L1 line of an earlier call
+                    tot += gl.load(ws_ptr + k * N + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
+                gl.store(y_ptr + rows, tot.to(gl.float16), mask=rows < N)
+                gl.atomic_xchg(cnt_ptr + gl.program_id(0), 0)
+
+
 def rows_per_program(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int) -> int:
     return rows_per_thread * (32 // (blocks_per_step * lane_threads)) * warps
 
@@ -391,4 +456,32 @@ def run_tma(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, la
     _gemv_tma_kernel[(-(-n // r),)](x2.contiguous().view(torch.int32), *descs, y, n, kw.n_blocks,
                                        U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
                                        JT=lane_threads, ACT=act, num_warps=warps, **launch)
+    return y
+
+
+def run_row_regs(x2: torch.Tensor, kw, rows_per_thread: int, warps: int, act: bool, launch: dict,
+                 blocks: int | None = None) -> torch.Tensor:
+    """y for one activation row with `_gemv_row_regs_kernel`: `blocks` blocks a program (a power
+    of two of at most 32; default n_blocks, the whole row), a K split per further group of them."""
+    from quantlrm.kernels import workspace
+
+    nb = kw.n_blocks
+    u = blocks or nb
+    if u > 32 or u & (u - 1) or nb % u:
+        raise ValueError(f"a program's blocks must be a power of two of at most 32 dividing n_blocks ({nb}), not {u}")
+    _check(x2, kw, rows_per_thread, u, 1, warps, 2)
+    n = kw.out_features
+    r = rows_per_program(rows_per_thread, u, 1, warps)
+    split = nb // u
+    if act and (n % 2 or r % 2 or split > 1):
+        raise ValueError("a gated product needs interleaved (gate, up) rows, an even row tile and no K split")
+    tiles = -(-n // r)
+    ws = workspace(x2.device, split * n, tiles) if split > 1 else None
+    if split > 1 and ws is None:
+        raise ValueError("the split workspace must be made before a CUDA graph capture: run once outside it")
+    y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
+    wsp, cnt = ws if ws is not None else (y, y)
+    _gemv_row_regs_kernel[(tiles, split)](x2.contiguous().view(torch.int32), kw.packed, kw.scale, kw.zero, y, wsp, cnt,
+                                          n, nb * kw.words_per_block, kw.scale.stride(0), U=u, RPT=rows_per_thread,
+                                          WARPS=warps, ACT=act, SPLIT=split, num_warps=warps, **launch)
     return y
