@@ -140,6 +140,43 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / statistics.median(ts)
 
 
+_LOADED: list[int] = []  # every CUfunction Triton loaded in this process (see `track_loads`)
+_CARVEOUT: list[int | None] = [None]  # the carveout `set_carveout` last gave, for kernels loaded later
+
+
+def _carveout_of(function: int, percent: int) -> None:
+    import ctypes
+
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), 9, ctypes.c_int(percent))
+    if rc:  # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+        raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}) returned {rc}")
+
+
+def _on_load(module, function, *rest) -> None:
+    _LOADED.append(function)
+    if _CARVEOUT[0] is not None:
+        _carveout_of(function, _CARVEOUT[0])
+
+
+def track_loads() -> None:
+    """Record each kernel's CUfunction as Triton loads it (ours and inductor's), so `set_carveout`
+    reaches them all."""
+    import triton
+
+    triton.knobs.runtime.kernel_load_end_hook.add(_on_load)
+
+
+def set_carveout(percent: int) -> None:
+    """The preferred shared-memory carveout (percent of the unified L1/shared memory; -1: the
+    driver's choice) of every kernel loaded so far and loaded from now on. Triton asks for the
+    most shared memory only for kernels over 48 KB; below that the driver picks one per kernel."""
+    _CARVEOUT[0] = percent
+    for f in _LOADED:
+        _carveout_of(f, percent)
+
+
+
+
 def graph_time(fn, reps: int = 20) -> float:
     """Median seconds of one replay of a CUDA graph of `fn` (captured after a warm-up)."""
     fn()
@@ -407,6 +444,9 @@ def main() -> None:
                          "(kernels.GEMV_H2_ROWPAIR_XONCE; version 13's default); 'rg2only': only all of them, and all "
                          "but those; 'rg4only': all of them, and all but the row-quad x_once tiles; 'smemonly': all of them "
                          "with and without the shared-memory GEMV's tiles; 'smemall': also with no half2 tile; with --pdl-ab, each tile set under each PDL mode")
+    ap.add_argument("--carveout-ab", type=int, nargs="+", default=None,
+                    help="each quantized precision also with these preferred shared-memory carveouts (percent) "
+                         "set on every Triton kernel, after the default")
     ap.add_argument("--reverse-order", action="store_true",
                     help="run the A/B variants in reverse order on odd repeats instead of even ones (to split one "
                          "experiment over two calls with balanced order)")
@@ -419,6 +459,8 @@ def main() -> None:
     args = ap.parse_args()
     global HALF, DT
     HALF, DT = args.dtype, {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.carveout_ab:
+        track_loads()  # before any kernel loads
 
     from transformers import AutoModelForCausalLM
 
@@ -520,6 +562,10 @@ def main() -> None:
     import quantlrm.kernels as qk
 
     all_h2, all_smem = qk.GEMV_H2_CONFIGS, qk.SMEM_GEMV_CONFIGS
+    if args.carveout_ab:
+        if args.repeats > 1 or args.reverse_order:
+            raise SystemExit("--carveout-ab runs the default first: not with --repeats or --reverse-order")
+        pdl_modes = {"": {}, **{f"+carve{p}": {} for p in args.carveout_ab}}
     variants = [(tag, env, all_h2) for tag, env in pdl_modes.items()]  # (tag, env, the tuner's half2 tiles)
     if args.tiles_ab:  # with --pdl-ab too: every tile set under every PDL mode (tiles and PDL interact)
         variants = [(ttag + ptag, env, tiles) for ttag, tiles in tile_sets(args.tiles_ab)
@@ -544,6 +590,8 @@ def main() -> None:
                 del qk._TUNED[key]
         if args.pdl_ab:  # (else the caller's settings stand)
             set_pdl_env(env)
+        if "+carve" in tag:  # (the default variant runs first, its kernels untouched; no --repeats)
+            set_carveout(int(tag.split("+carve")[1].split("#")[0]))
         label = prec + ("+compile" if comp else "") + ("+qattn" if attn != "sdpa" else "") + tag
         model.config._attn_implementation = attn
         if attn != "sdpa" and not args.no_fused_attention:

@@ -19,29 +19,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, graph_time, per_copy_time  # noqa: E402
+from decode import copy_bandwidth, graph_time, per_copy_time, set_carveout, track_loads  # noqa: E402
 from gemv_sweep import FUSED_SHAPES, random_layout  # noqa: E402
 
 from quantlrm.kernels import SMEM_GEMV_CONFIGS, reference_matmul, smem_gemv, tune  # noqa: E402
 
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
-              pdl: int = 0, act: bool = False, xreg: int = 1, tma: int = 0, rowregs: int = 0) -> torch.Tensor:
+              pdl: int = 0, act: bool = False, xreg: int = 1) -> torch.Tensor:
     """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late; xreg: the
-    activations through registers, a copy group a step's weights; tma: the weights copied by TMA,
-    activations through registers)."""
+    activations through registers, a copy group a step's weights)."""
     launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
-    if rowregs:
-        return smem_gemv.run_row_regs(x, kw, rpt, warps, act, launch, blocks=u)
-    if tma:
-        return smem_gemv.run_tma(x, kw, rpt, u, jt, warps, stages, act, launch, wide=tma == 2)
-    if xreg == 2:  # TIMING ONLY: the first activations read before the PDL wait
-        return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=True, XEARLY=True))
     return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
 
 
-def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,),
-          tmas: tuple[int, ...] = (0,)):
+def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,)):
     """The tiles swept: "full" is run 4's grid, "small" the region where its fastest lay, "deep"
     larger programs with rings deep enough to hold a small shape's whole row (read before the
     PDL wait)."""
@@ -52,22 +44,15 @@ def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, .
                  for c in SMEM_GEMV_CONFIGS for st in (c.num_stages, 3, 4)]
     elif grid == "mid":
         space = [t for t in itertools.product((8, 16), (4, 8), (2, 4), (2, 3, 4), (2, 4)) if t[0] * t[4] <= 32]
-    elif grid in ("rowregs", "rowsplit"):  # `smem_gemv.run_row_regs`: 32 blocks a program, or 8 or 16 and K splits
-        for u, rpt, warps, pdl in itertools.product((32,) if grid == "rowregs" else (8, 16), (2, 4, 8), (1, 2, 4, 8),
-                                                    pdls):
-            yield dict(u=u, rpt=rpt, warps=warps, stages=2, jt=1, pdl=pdl, xreg=1, tma=0, rowregs=1)
-        return
     elif grid == "deep":
         space = [(u, rpt, w, st, jt) for u, rpt, w, st, jt in
                  itertools.product((8, 16), (4, 8), (2, 4, 8), (2, 3, 4, 6, 8), (2, 4))
                  if smem_gemv.smem_bytes(rpt, u, jt, w, st) <= smem_gemv.SMEM_LIMIT]
     else:
         space = itertools.product((8, 16), (4, 8, 16), (1, 2, 4), (2, 4), (2, 4))
-    for (u, rpt, warps, stages, jt), pdl, xreg, tma in itertools.product(space, pdls, xregs, tmas):
-        if tma and not xreg:  # the TMA kernel reads its activations through registers only
-            continue
+    for (u, rpt, warps, stages, jt), pdl, xreg in itertools.product(space, pdls, xregs):
         if u * jt <= 32 and not (jt == 1 and rpt >= 8) and not (rpt == 16 and (jt < 2 or stages > 2)):
-            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl, xreg=xreg, tma=tma)
+            yield dict(u=u, rpt=rpt, warps=warps, stages=stages, jt=jt, pdl=pdl, xreg=xreg)
 
 
 def strip_decode() -> None:
@@ -84,40 +69,15 @@ def strip_decode() -> None:
     smem_gemv._pair = _xor_pair
 
 
-_LOADED: list[int] = []  # every CUfunction Triton loaded in this process (see `track_loads`)
-
-
-def track_loads() -> None:
-    """Record each kernel's CUfunction as Triton loads it, so `set_carveout` can reach them."""
-    import triton
-
-    triton.knobs.runtime.kernel_load_end_hook.add(lambda module, function, *rest: _LOADED.append(function))
-
-
-def set_carveout(percent: int) -> None:
-    """The preferred shared-memory carveout (percent of the unified L1/shared memory; -1: the
-    driver's choice) of every kernel loaded so far. Triton asks for the most shared memory only
-    for kernels over 48 KB; below that the driver picks a carveout per kernel."""
-    import ctypes
-
-    cuda = ctypes.CDLL("libcuda.so.1")
-    for f in _LOADED:
-        rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(f), 9, ctypes.c_int(percent))  # 9: ..._PREFERRED_SHARED_MEMORY_CARVEOUT
-        if rc:
-            raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}) returned {rc}")
-
-
 def check(args) -> int:
     bad = 0
     for n, k in ((4096, 14336), (1000, 4096)):
         kw = random_layout(n, k, 3, 128, 1, min_bytes=0)[0]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ref = reference_matmul(x, kw).float()
-        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg), tuple(args.tma)):
+        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg)):
             if kw.n_blocks % t["u"]:
                 continue
-            if t.get("rowregs") and kw.n_blocks > t["u"]:
-                gemv_smem(x, kw, **t)  # the split workspace, made outside any capture
             try:
                 y = gemv_smem(x, kw, **t).float()
             except Exception as e:  # noqa: BLE001 -- report the tiles that do not compile
@@ -125,11 +85,9 @@ def check(args) -> int:
                 bad += 1
                 continue
             err = ((y - ref).abs().max() / ref.abs().max()).item()
-            erra = 0.0
-            if not (t.get("rowregs") and kw.n_blocks > t["u"]):
-                ya = gemv_smem(x, kw, **t, act=True).float()
-                gref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
-                erra = ((ya - gref).abs().max() / gref.abs().max()).item()
+            ya = gemv_smem(x, kw, **t, act=True).float()
+            gref = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2]
+            erra = ((ya - gref).abs().max() / gref.abs().max()).item()
             if not (err < 1e-2 and erra < 1e-2):
                 print("MISMATCH", n, k, t, err, erra, flush=True)
                 bad += 1
@@ -156,7 +114,7 @@ def sweep(args) -> None:
         os.environ.pop("QUANTLRM_PDL")
         res["tuner"][short] = dict(config=repr(chosen), us_pdl=base["1"], us_no_pdl=base["0"], act=act)
         best = {}
-        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg), tuple(args.tma)):
+        for t in tiles(args.grid, tuple(args.pdl), tuple(args.xreg)):
             if kws[0].n_blocks % t["u"] or t["stages"] > kws[0].n_blocks // t["u"] + 1:  # a deeper ring holds nothing more
                 continue
             for carve in args.carveout:
@@ -172,13 +130,13 @@ def sweep(args) -> None:
                     continue
                 row = dict(linear=short, tile=tc, us=us, frac=nbytes / (us * 1e-6) / peak)
                 res["rows"].append(row)
-                key = (t["pdl"], t["xreg"], t["tma"], carve)
+                key = (t["pdl"], t["xreg"], carve)
                 if key not in best or us < best[key]["us"]:
                     best[key] = row
         print(f"W3 {short}: tuner {base['1']:.1f} us ({nbytes / base['1'] / 1e-6 / peak:.0%}) with PDL, "
               f"{base['0']:.1f} without [{time.time() - t0:.0f}s]", flush=True)
-        for (pdl, xreg, tma, carve), b in sorted(best.items(), key=str):
-            print(f"  smem best, PDL {pdl}, xreg {xreg}, tma {tma}, carveout {carve}: {b['tile']} {b['us']:.2f} us "
+        for (pdl, xreg, carve), b in sorted(best.items(), key=str):
+            print(f"  smem best, PDL {pdl}, xreg {xreg}, carveout {carve}: {b['tile']} {b['us']:.2f} us "
                   f"({b['frac']:.0%})", flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         del kws
@@ -190,15 +148,14 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
-    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid", "rowregs", "rowsplit"), default="small")
+    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid"), default="small")
     ap.add_argument("--xreg", type=int, nargs="+", default=[1],
                     help="1 (the kernel's default): activations through registers, a copy group a step; 0: activations "
                          "copied with the weights (runs before 6); both: A/B")
-    ap.add_argument("--tma", type=int, nargs="+", default=[0],
-                    help="1: the weights copied by TMA (`smem_gemv.run_tma`); 0: by cp.async; both: A/B")
     ap.add_argument("--carveout", type=int, nargs="+", default=[None],
                     help="time each tile with these preferred shared-memory carveouts (percent; -1 the driver's "
-                         "choice), set on every loaded kernel; default: leave them alone")
+                         "choice), set on every loaded kernel; default: leave them alone (BENCHMARKS.md, Kernels, "
+                         "version 18)")
     ap.add_argument("--act", action="store_true", help="gate_up_proj with the gated-MLP epilogue (both kernels)")
     ap.add_argument("--pdl", type=int, nargs="+", default=[0], help="0: none, 1: early trigger, 2: late trigger")
     ap.add_argument("--no-decode", action="store_true", help="time the memory path alone (strip_decode); not with --check")

@@ -7,9 +7,11 @@ and at ~3 TB/s that ramp is a large part of ~2.3 us. This asks what a kernel tha
 but read those bytes reaches, timed the way `gemv_sweep.py` times the GEMV: one launch per copy
 of the bytes, enough copies to overflow L2, all in one CUDA graph. The read kernel is the best
 of a small grid of tiles (vector loads, several loads in flight per thread), without PDL, with
-a PDL launch that waits for the kernel before it and then reads, and with one that reads first
-and then waits (as a GEMV may for its weights, which no kernel writes); `torch.Tensor.copy_` of
-the same bytes is a second reference (read and write counted).
+a PDL launch that waits for the kernel before it and then reads, with one that reads first
+and then waits (as a GEMV may for its weights, which no kernel writes), and with one that then
+also reads the activations, as a GEMV must once the kernel that wrote them has finished (the
+ceiling of any GEMV so launched); `torch.Tensor.copy_` of the same bytes is a second reference
+(read and write counted).
 
     PYTHONPATH=src python3 benchmarks/read_ceiling.py --out read_ceiling.json
 """
@@ -48,7 +50,8 @@ def _read_kernel(p_ptr, out_ptr, n_words, x_ptr, x_words, BLOCK: tl.constexpr, S
     for s in tl.static_range(STEPS):
         offs = base + s * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(p_ptr + offs, mask=offs < n_words, other=0)
-    if PDL >= 2:  # (the loads are still in flight: nothing above uses them)
+    if PDL >= 2:  # the loads still in flight (summed after the wait: summing before it cost 60% against 72%
+        # of the copy bandwidth on o_proj, BENCHMARKS.md, Kernels, version 18)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     total = tl.sum(acc)

@@ -26,8 +26,6 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from quantlrm.kernels import triton_kernels as tk
 except ImportError:  # no Triton, or one without Gluon: the register walk (or torch) serves every shape
@@ -89,66 +87,9 @@ if gluon is not None:
         cp.async_copy_global_to_shared(z_smem.index(buf), z_ptr + rows2 * stride_s + blk0 + u2, mask=rows2 < N)
 
     @gluon.jit
-    def _decode_step(w0_s, w1_s, w2_s, s_s, z_s, x_s, acc, zero3, L3: gl.constexpr):
-        """acc plus one step's products: the step's three word rows, scales, zero points and
-        activations, read from their shared-memory buffers (the half2 decode of `_gemv_h2_kernel`)."""
-        return _decode_regs(w0_s.load(L3), w1_s.load(L3), w2_s.load(L3), s_s.load(gl.SliceLayout(2, L3)),
-                            z_s.load(gl.SliceLayout(2, L3)), x_s, acc, zero3)
-
-    @gluon.jit
-    def _decode_regs(w0, w1, w2, s, z, x_s, acc, zero3):
-        """`_decode_step` on words (int32), scales and zero points (fp16) already in registers, in
-        the layout of acc and its slice; x_s: the step's activation pairs in shared memory."""
-        w0 = w0.to(gl.uint32, bitcast=True)
-        w1 = w1.to(gl.uint32, bitcast=True)
-        w2 = w2.to(gl.uint32, bitcast=True)
-        s = gl.expand_dims(s.to(gl.float32) * 16.0, 2)
-        h = zero3
-        for sl in gl.static_range(16):  # slot sl: pair sl % 5 of word row sl // 5; 15 the spare slot
-            if sl < 15:
-                p = sl % 5
-                R_ = 3 * (p % 3)  # the pair's bit offset once the word is shifted by 9 for pairs 3, 4
-                word = w2
-                if sl // 5 == 0:
-                    word = w0
-                if sl // 5 == 1:
-                    word = w1
-                if p >= 3:
-                    word = word >> 9
-            else:  # gathered from bits 15 and 31 of the three words, at offset 6
-                R_ = 6
-                word = (((w0 >> 9) & (0x10001 << 6)) | ((w1 >> 8) & (0x20002 << 6))
-                        | ((w2 >> 7) & (0x40004 << 6)))
-            mult = zero3 + ((11 - R_) << 10) * 0x10001  # half2 of 2^-(R+4)
-            mask = zero3 + ((7 << R_) * 0x10001)
-            nz16 = (z * -0.0625 - 64.0 / (1 << R_)).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)
-            nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
-            xv = x_s.slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, acc.type.layout)).to(gl.uint32, bitcast=True)
-            h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
-            if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
-                acc += _widen(h) * s
-                h = zero3
-        return acc
-
-    @gluon.jit
-    def _store_rows(acc, y_ptr, r0, N, R: gl.constexpr, WARPS: gl.constexpr, L3: gl.constexpr, ACT: gl.constexpr):
-        """A program's R sums (ACT: rows are interleaved (gate, up) pairs; silu(gate) * up is stored
-        at half the width)."""
-        out = gl.sum(gl.sum(acc, axis=2), axis=1)
-        if ACT:
-            LA: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
-            g, up = gl.split(gl.convert_layout(gl.reshape(out, [R // 2, 2]), LA))
-            half = gl.program_id(0) * (R // 2) + gl.arange(0, R // 2, layout=g.type.layout)
-            gl.store(y_ptr + half, (g / (1.0 + gl.exp(-g)) * up).to(gl.float16), mask=half < N // 2)
-        else:
-            rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-            gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
-
-    @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True,
-                          XEARLY: gl.constexpr = False):
+                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
@@ -189,15 +130,12 @@ if gluon is not None:
                               rows2, u2, N, RW, stride_s, U)
             if XREG:
                 cp.commit_group()
-        if XEARLY:  # TIMING ONLY: the first activations read before the wait (wrong under PDL)
-            xr = gl.load(x_ptr + xu * 64 + xj)
         if PDL:
             _gdc("griddepcontrol.wait; // $0")
             if PDL == 1:
                 _gdc("griddepcontrol.launch_dependents; // $0")
         if XREG:
-            if not XEARLY:
-                xr = gl.load(x_ptr + xu * 64 + xj)
+            xr = gl.load(x_ptr + xu * 64 + xj)
         else:
             for i in gl.static_range(STAGES - 1):
                 if i < n_steps:
@@ -220,153 +158,47 @@ if gluon is not None:
                     _copy_x(nxt, nxt % STAGES, x_ptr, x_smem, xu, xj, U)
             cp.commit_group()
             st = it % STAGES
-            acc = _decode_step(w0_smem.index(st), w1_smem.index(st), w2_smem.index(st), s_smem.index(st),
-                               z_smem.index(st), x_smem.index(st), acc, zero3, L3)
+            w0 = w0_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
+            w1 = w1_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
+            w2 = w2_smem.index(st).load(L3).to(gl.uint32, bitcast=True)
+            s = gl.expand_dims(s_smem.index(st).load(gl.SliceLayout(2, L3)).to(gl.float32) * 16.0, 2)
+            z = z_smem.index(st).load(gl.SliceLayout(2, L3))
+            h = zero3
+            for sl in gl.static_range(16):  # slot sl: pair sl % 5 of word row sl // 5; 15 the spare slot
+                if sl < 15:
+                    p = sl % 5
+                    R_ = 3 * (p % 3)  # the pair's bit offset once the word is shifted by 9 for pairs 3, 4
+                    word = w2
+                    if sl // 5 == 0:
+                        word = w0
+                    if sl // 5 == 1:
+                        word = w1
+                    if p >= 3:
+                        word = word >> 9
+                else:  # gathered from bits 15 and 31 of the three words, at offset 6
+                    R_ = 6
+                    word = (((w0 >> 9) & (0x10001 << 6)) | ((w1 >> 8) & (0x20002 << 6))
+                            | ((w2 >> 7) & (0x40004 << 6)))
+                mult = zero3 + ((11 - R_) << 10) * 0x10001  # half2 of 2^-(R+4)
+                mask = zero3 + ((7 << R_) * 0x10001)
+                nz16 = (z * -0.0625 - 64.0 / (1 << R_)).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)
+                nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
+                xv = x_smem.index(st).slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, L3)).to(gl.uint32, bitcast=True)
+                h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
+                if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
+                    acc += _widen(h) * s
+                    h = zero3
         if PDL == 2:
             _gdc("griddepcontrol.launch_dependents; // $0")
-        _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
-
-
-    @gluon.jit
-    def _tma_step(i, buf, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
-                  bars, r0, U: gl.constexpr, NBYTES: gl.constexpr, WIDE: gl.constexpr = False):
-        """Step i's three word rows, scales and zero points into buffer buf: five TMA copies that
-        complete on that buffer's barrier (rows past N arrive as zeros)."""
-        bar = bars.index(buf)
-        mbarrier.expect(bar, NBYTES)
-        if WIDE:  # TIMING ONLY: the step's 12U words a row as three [R, 4U] boxes (wrong word order)
-            R: gl.constexpr = w0_smem.shape[1]
-            LW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-            tma.async_copy_global_to_shared(w0_desc, [r0, i * U * 12], bar,
-                                            w0_smem.index(buf)._reinterpret(gl.int32, [R, 4 * U], LW))
-            tma.async_copy_global_to_shared(w1_desc, [r0, i * U * 12 + 4 * U], bar,
-                                            w1_smem.index(buf)._reinterpret(gl.int32, [R, 4 * U], LW))
-            tma.async_copy_global_to_shared(w2_desc, [r0, i * U * 12 + 8 * U], bar,
-                                            w2_smem.index(buf)._reinterpret(gl.int32, [R, 4 * U], LW))
+        out = gl.sum(gl.sum(acc, axis=2), axis=1)
+        if ACT:  # rows are interleaved (gate, up) pairs: store silu(gate) * up at half the width
+            LA: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
+            g, up = gl.split(gl.convert_layout(gl.reshape(out, [R // 2, 2]), LA))
+            half = gl.program_id(0) * (R // 2) + gl.arange(0, R // 2, layout=g.type.layout)
+            gl.store(y_ptr + half, (g / (1.0 + gl.exp(-g)) * up).to(gl.float16), mask=half < N // 2)
         else:
-            tma.async_copy_global_to_shared(w0_desc, [r0, i * U, 0], bar, w0_smem.index(buf))
-            tma.async_copy_global_to_shared(w1_desc, [r0, i * U, 0], bar, w1_smem.index(buf))
-            tma.async_copy_global_to_shared(w2_desc, [r0, i * U, 0], bar, w2_smem.index(buf))
-        tma.async_copy_global_to_shared(s_desc, [r0, i * U], bar, s_smem.index(buf))
-        tma.async_copy_global_to_shared(z_desc, [r0, i * U], bar, z_smem.index(buf))
-
-    @gluon.jit
-    def _gemv_tma_kernel(x_ptr, w0_desc, w1_desc, w2_desc, s_desc, z_desc, y_ptr, N, n_blocks,
-                         U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                         JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, WIDE: gl.constexpr = False):
-        # `_gemv_smem_kernel`'s walk with the weights brought in by the copy engine (TMA): one
-        # thread asks for a step's five boxes, no thread holds a copy in flight, and each buffer
-        # has a barrier that counts its bytes in.
-        TR: gl.constexpr = 32 // (U * JT)
-        R: gl.constexpr = RPT * TR * WARPS
-        L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4 // JT], [TR, U, JT], [WARPS, 1, 1], [2, 1, 0])
-        LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])
-        SH2: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        NBYTES: gl.constexpr = R * U * (3 * 16 + 2 * 2)
-        SW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-        w0_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], SW)
-        w1_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], SW)
-        w2_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, U, 4], SW)
-        s_smem = gl.allocate_shared_memory(gl.float16, [STAGES, R, U], s_desc.layout)
-        z_smem = gl.allocate_shared_memory(gl.float16, [STAGES, R, U], z_desc.layout)
-        x_smem = gl.allocate_shared_memory(gl.int32, [STAGES, U, 64], SH2)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
-        fence_async_shared()
-
-        r0 = gl.program_id(0) * R
-        xu = gl.arange(0, U, layout=gl.SliceLayout(1, LX))[:, None]
-        xj = gl.arange(0, 64, layout=gl.SliceLayout(0, LX))[None, :]
-        n_steps = n_blocks // U
-        for i in gl.static_range(STAGES - 1):  # weights depend on no kernel: asked for before the wait
-            if i < n_steps:
-                _tma_step(i, i, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem, s_smem, z_smem,
-                          bars, r0, U, NBYTES, WIDE)
-        if PDL:
-            _gdc("griddepcontrol.wait; // $0")
-            if PDL == 1:
-                _gdc("griddepcontrol.launch_dependents; // $0")
-        xr = gl.load(x_ptr + xu * 64 + xj)
-
-        zero3 = gl.zeros([R, U, 4], gl.uint32, L3)
-        acc = gl.zeros([R, U, 4], gl.float32, L3)
-        for it in range(n_steps):
-            st = it % STAGES
-            x_smem.index(st).store(xr)
-            xr = gl.load(x_ptr + (gl.minimum(it + 1, n_steps - 1) * U + xu) * 64 + xj)
-            mbarrier.wait(bars.index(st), (it // STAGES) & 1)
-            gl.thread_barrier()  # step it's activations visible; every thread done with step it-1's buffer
-            nxt = it + STAGES - 1
-            if nxt < n_steps:
-                _tma_step(nxt, nxt % STAGES, w0_desc, w1_desc, w2_desc, s_desc, z_desc, w0_smem, w1_smem, w2_smem,
-                          s_smem, z_smem, bars, r0, U, NBYTES, WIDE)
-            acc = _decode_step(w0_smem.index(st), w1_smem.index(st), w2_smem.index(st), s_smem.index(st),
-                               z_smem.index(st), x_smem.index(st), acc, zero3, L3)
-        if PDL == 2:
-            _gdc("griddepcontrol.launch_dependents; // $0")
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
-        _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
-
-
-    @gluon.jit
-    def _gemv_row_regs_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, RW, stride_s,
-                              U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, ACT: gl.constexpr,
-                              PDL: gl.constexpr = 0, SPLIT: gl.constexpr = 1):
-        # A row's U blocks (a K split of them: program_id(1)) loaded into registers before the PDL
-        # wait, the activations then staged in shared memory: no copy ring, no barrier but one,
-        # every byte of a program asked for at its start. (A lane thread per block: JT 1, TR 1.)
-        # SPLIT > 1: each split stores its partial sums to the workspace, and the last to arrive
-        # (an atomic count per row tile) adds them in split order, stores y and re-arms the count.
-        TR: gl.constexpr = 32 // U  # threads a warp along the rows
-        R: gl.constexpr = RPT * TR * WARPS
-        L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4], [TR, U, 1], [WARPS, 1, 1], [2, 1, 0])
-        LS: gl.constexpr = gl.SliceLayout(2, L3)
-        LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])
-        SH2: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        x_smem = gl.allocate_shared_memory(gl.int32, [U, 64], SH2)
-
-        r0 = gl.program_id(0) * R
-        b0 = gl.program_id(1) * U
-        rows3 = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, LS))[:, None, None]
-        u3 = b0 + gl.arange(0, U, layout=gl.SliceLayout(0, LS))[None, :, None]
-        j3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
-        rows2 = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, LS))[:, None]
-        u2 = b0 + gl.arange(0, U, layout=gl.SliceLayout(0, LS))[None, :]
-        m3 = rows3 < N
-        pw = p_ptr + rows3 * RW + u3 * 12 + j3
-        w0 = gl.load(pw, mask=m3, other=0)
-        w1 = gl.load(pw + 4, mask=m3, other=0)
-        w2 = gl.load(pw + 8, mask=m3, other=0)
-        s = gl.load(s_ptr + rows2 * stride_s + u2, mask=rows2 < N, other=0.0)
-        z = gl.load(z_ptr + rows2 * stride_s + u2, mask=rows2 < N, other=0.0)
-        if PDL:
-            _gdc("griddepcontrol.wait; // $0")
-            if PDL == 1:
-                _gdc("griddepcontrol.launch_dependents; // $0")
-        xu = gl.arange(0, U, layout=gl.SliceLayout(1, LX))[:, None]
-        xj = gl.arange(0, 64, layout=gl.SliceLayout(0, LX))[None, :]
-        x_smem.store(gl.load(x_ptr + (b0 + xu) * 64 + xj))
-        gl.thread_barrier()
-        zero3 = gl.zeros([R, U, 4], gl.uint32, L3)
-        acc = _decode_regs(w0, w1, w2, s, z, x_smem, gl.zeros([R, U, 4], gl.float32, L3), zero3)
-        if PDL == 2:
-            _gdc("griddepcontrol.launch_dependents; // $0")
-        if SPLIT == 1:
-            _store_rows(acc, y_ptr, r0, N, R, WARPS, L3, ACT)
-        else:
-            out = gl.sum(gl.sum(acc, axis=2), axis=1)
-            rows = r0 + gl.arange(0, R, layout=out.type.layout)
-            gl.store(ws_ptr + gl.program_id(1) * N + rows, out, mask=rows < N)
-            gl.thread_barrier()  # every thread's partial is written before the release below
-            done = gl.atomic_add(cnt_ptr + gl.program_id(0), 1, sem="acq_rel")
-            if done == SPLIT - 1:
-                tot = gl.zeros_like(out)
-                for k in gl.static_range(SPLIT):  # .cg: from L2, never a stale L1 line of an earlier call
-                    tot += gl.load(ws_ptr + k * N + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
-                gl.store(y_ptr + rows, tot.to(gl.float16), mask=rows < N)
-                gl.atomic_xchg(cnt_ptr + gl.program_id(0), 0)
+            rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+            gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
 
 
 def rows_per_program(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int) -> int:
@@ -382,9 +214,9 @@ def smem_bytes(rows_per_thread: int, blocks_per_step: int, lane_threads: int, wa
     return stages * (3 * r * u * 16 + u * 64 * 4 + 2 * r * u * 2)
 
 
-def _check(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
-           stages: int) -> None:
-    """Refuse, with the reason, what the shared-memory kernels cannot run (before any device check)."""
+def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
+        stages: int, act: bool, launch: dict) -> torch.Tensor:
+    """y [1, N] (act: silu(gate) * up, [1, N/2]) for one activation row; launch: `pdl_launch`'s."""
     if gluon is None:
         raise ValueError("the shared-memory GEMV needs Triton's Gluon (triton >= 3.5)")
     if x2.shape[0] != 1 or not eligible(kw.bits, kw.group_size, kw.block, x2.dtype, kw.n_blocks, blocks_per_step):
@@ -401,12 +233,6 @@ def _check(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lan
                          f"may have: fewer stages or rows")
     if not available(x2.device):
         raise ValueError("the shared-memory GEMV runs on a Hopper-or-later CUDA GPU only")
-
-
-def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
-        stages: int, act: bool, launch: dict) -> torch.Tensor:
-    """y [1, N] (act: silu(gate) * up, [1, N/2]) for one activation row; launch: `pdl_launch`'s."""
-    _check(x2, kw, rows_per_thread, blocks_per_step, lane_threads, warps, stages)
     n = kw.out_features
     r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps)
     if act and (n % 2 or r % 2):
@@ -416,72 +242,4 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
                                         kw.n_blocks * kw.words_per_block, kw.scale.stride(0),
                                         U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
                                         JT=lane_threads, ACT=act, num_warps=warps, **launch)
-    return y
-
-
-def tma_descriptors(kw, rows: int, blocks_per_step: int) -> tuple:
-    """The five TMA descriptors of a weight for `_gemv_tma_kernel`: its three word rows, each a
-    [N, n_blocks, 4] view (block stride 12 words), and its scales and zero points, in boxes of
-    rows x blocks_per_step blocks."""
-    n, nb = kw.out_features, kw.n_blocks
-    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-    s_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    rw = nb * kw.words_per_block
-    words = [TensorDescriptor(kw.packed[:, 4 * t:], [n, nb, 4], [rw, 12, 1], [rows, blocks_per_step, 4], w_layout)
-             for t in range(3)]
-    s, z = (TensorDescriptor(t, [n, nb], [t.stride(0), 1], [rows, blocks_per_step], s_layout)
-            for t in (kw.scale, kw.zero))
-    return (*words, s, z)
-
-
-def run_tma(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
-            stages: int, act: bool, launch: dict, descriptors: tuple | None = None, wide: bool = False) -> torch.Tensor:
-    """`run` with the weights copied by TMA (`_gemv_tma_kernel`); descriptors: `tma_descriptors`'
-    for this tile, made once and kept by the caller (each is host work)."""
-    _check(x2, kw, rows_per_thread, blocks_per_step, lane_threads, warps, stages)
-    if kw.scale.stride(0) % 8 or kw.zero.stride(0) % 8 or kw.packed.data_ptr() % 16:
-        raise ValueError("TMA needs 16-byte aligned rows of scales and zero points (n_blocks a multiple of 8)")
-    n = kw.out_features
-    r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps)
-    if act and (n % 2 or r % 2):
-        raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
-    descs = descriptors or tma_descriptors(kw, r, blocks_per_step)
-    if wide:  # TIMING ONLY
-        lw = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-        rw = kw.n_blocks * kw.words_per_block
-        w = TensorDescriptor(kw.packed, [n, rw], [rw, 1], [r, 4 * blocks_per_step], lw)
-        descs = (w, w, w, *descs[3:])
-        launch = dict(launch, WIDE=True)
-    y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
-    _gemv_tma_kernel[(-(-n // r),)](x2.contiguous().view(torch.int32), *descs, y, n, kw.n_blocks,
-                                       U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
-                                       JT=lane_threads, ACT=act, num_warps=warps, **launch)
-    return y
-
-
-def run_row_regs(x2: torch.Tensor, kw, rows_per_thread: int, warps: int, act: bool, launch: dict,
-                 blocks: int | None = None) -> torch.Tensor:
-    """y for one activation row with `_gemv_row_regs_kernel`: `blocks` blocks a program (a power
-    of two of at most 32; default n_blocks, the whole row), a K split per further group of them."""
-    from quantlrm.kernels import workspace
-
-    nb = kw.n_blocks
-    u = blocks or nb
-    if u > 32 or u & (u - 1) or nb % u:
-        raise ValueError(f"a program's blocks must be a power of two of at most 32 dividing n_blocks ({nb}), not {u}")
-    _check(x2, kw, rows_per_thread, u, 1, warps, 2)
-    n = kw.out_features
-    r = rows_per_program(rows_per_thread, u, 1, warps)
-    split = nb // u
-    if act and (n % 2 or r % 2 or split > 1):
-        raise ValueError("a gated product needs interleaved (gate, up) rows, an even row tile and no K split")
-    tiles = -(-n // r)
-    ws = workspace(x2.device, split * n, tiles) if split > 1 else None
-    if split > 1 and ws is None:
-        raise ValueError("the split workspace must be made before a CUDA graph capture: run once outside it")
-    y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
-    wsp, cnt = ws if ws is not None else (y, y)
-    _gemv_row_regs_kernel[(tiles, split)](x2.contiguous().view(torch.int32), kw.packed, kw.scale, kw.zero, y, wsp, cnt,
-                                          n, nb * kw.words_per_block, kw.scale.stride(0), U=u, RPT=rows_per_thread,
-                                          WARPS=warps, ACT=act, SPLIT=split, num_warps=warps, **launch)
     return y
