@@ -175,8 +175,6 @@ def set_carveout(percent: int) -> None:
         _carveout_of(f, percent)
 
 
-
-
 def graph_time(fn, reps: int = 20) -> float:
     """Median seconds of one replay of a CUDA graph of `fn` (captured after a warm-up)."""
     fn()

@@ -109,10 +109,10 @@ def main() -> None:
                     for _ in kws]
             reads = {}
             xw = x.view(torch.int32).reshape(-1)
+            modes = ("nopdl", "pdl", "pdl_read_first", "pdl_read_first_then_x")
             for pdl in (0, 1, 2, 3) if pdl_ok else (0,):
                 best = min(((read_time(bufs, t, pdl, xw), t) for t in READ_TILES), key=lambda r: r[0])
-                reads[("nopdl", "pdl", "pdl_read_first", "pdl_read_first_then_x")[pdl]] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak,
-                                                                      tile=best[1])
+                reads[modes[pdl]] = dict(us=best[0] * 1e6, frac=nbytes / best[0] / peak, tile=best[1])
             dst = [torch.empty_like(b) for b in bufs]
             t_copy = graph_time(lambda dst=dst, bufs=bufs: [d.copy_(b) for d, b in zip(dst, bufs, strict=True)]) / len(bufs)
             row = dict(bits=bits, linear=short, bytes=nbytes, copies=len(kws),
