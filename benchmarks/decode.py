@@ -21,6 +21,7 @@ launch, `--no-fuse` keeps every linear apart); the fp16 model is plain transform
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -144,10 +145,17 @@ _LOADED: list[int] = []  # every CUfunction Triton loaded in this process (see `
 _CARVEOUT: list[int | None] = [None]  # the carveout `set_carveout` last gave, for kernels loaded later
 
 
+@functools.cache
+def _libcuda():
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")
+
+
 def _carveout_of(function: int, percent: int) -> None:
     import ctypes
 
-    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), 9, ctypes.c_int(percent))
+    rc = _libcuda().cuFuncSetAttribute(ctypes.c_void_p(function), 9, ctypes.c_int(percent))
     if rc:  # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
         raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}) returned {rc}")
 
