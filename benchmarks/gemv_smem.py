@@ -26,11 +26,11 @@ from quantlrm.kernels import SMEM_GEMV_CONFIGS, reference_matmul, smem_gemv, tun
 
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
-              pdl: int = 0, act: bool = False, xreg: int = 1) -> torch.Tensor:
+              pdl: int = 0, act: bool = False, xreg: int = 1, wk: int = 1) -> torch.Tensor:
     """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late; xreg: the
     activations through registers, a copy group a step's weights)."""
     launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
-    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
+    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)), warps_k=wk)
 
 
 def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,)):
@@ -44,6 +44,14 @@ def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, .
                  for c in SMEM_GEMV_CONFIGS for st in (c.num_stages, 3, 4)]
     elif grid == "mid":
         space = [t for t in itertools.product((8, 16), (4, 8), (2, 4), (2, 3, 4), (2, 4)) if t[0] * t[4] <= 32]
+    elif grid == "wk":  # warps splitting a step's blocks: (u, rpt, warps, stages, jt, wk)
+        space = [(u, rpt, w, st, jt, wk) for u, rpt, w, st, jt, wk in
+                 itertools.product((16, 32), (4, 8), (2, 4), (2, 3), (1, 2, 4), (1, 2, 4))
+                 if w % wk == 0 and u % wk == 0 and u // wk * jt <= 32 and not (jt == 1 and rpt >= 8)
+                 and smem_gemv.smem_bytes(rpt, u, jt, w, st, wk) <= 48 * 1024]
+        for t, pdl, xreg in itertools.product(space, pdls, xregs):
+            yield dict(zip(("u", "rpt", "warps", "stages", "jt", "wk"), t, strict=True), pdl=pdl, xreg=xreg)
+        return
     elif grid == "deep":
         space = [(u, rpt, w, st, jt) for u, rpt, w, st, jt in
                  itertools.product((8, 16), (4, 8), (2, 4, 8), (2, 3, 4, 6, 8), (2, 4))
@@ -148,7 +156,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
-    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid"), default="small")
+    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid", "wk"), default="small")
     ap.add_argument("--xreg", type=int, nargs="+", default=[1],
                     help="1 (the kernel's default): activations through registers, a copy group a step; 0: activations "
                          "copied with the weights (runs before 6); both: A/B")

@@ -7,6 +7,10 @@ version 14's) a few times, nothing else, so a profiler can pick the launches out
         python3 benchmarks/ncu_gemv.py --bits 3
     ncu -k regex:_gemv_h2 --launch-skip 3 --launch-count 3 --set full -o v14 \\
         python3 benchmarks/ncu_gemv.py --v14
+    ncu -k regex:_gemv_smem --launch-skip 3 --launch-count 3 --set full \\
+        python3 benchmarks/ncu_gemv.py --smem
+    ncu -k regex:_gemv_smem --launch-skip 3 --launch-count 3 --set full \\
+        python3 benchmarks/ncu_gemv.py --smem --shapes down_proj --smem-tiles 8,16,2,2,2 4,16,2,2,2 4,16,2,4,2
 """
 
 from __future__ import annotations
@@ -48,8 +52,19 @@ def main() -> None:
                          "one-row x_once tile (the tuner's choices on H100s; --bits is ignored)")
     ap.add_argument("--v15", action="store_true",
                     help="instead: version 15's W3 tiles of all four shapes (the tuner's choices in fp16 on H100s)")
+    ap.add_argument("--smem", action="store_true",
+                    help="instead: the shared-memory W3 GEMV's first tile (SMEM_GEMV_CONFIGS[0], the tuner's usual "
+                         "choice) on qkv, o_proj and down_proj, without PDL (ncu times one launch alone)")
+    ap.add_argument("--smem-tiles", nargs="+", default=None, metavar="RPT,U,JT,W,ST",
+                    help="with --smem: these tiles (rows a thread, blocks a step, lane threads, warps, stages)")
+    ap.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "down_proj"], help="with --smem")
     args = ap.parse_args()
-    from quantlrm.kernels import run_config
+    from quantlrm.kernels import SMEM_GEMV_CONFIGS, run_config
+    if args.smem:
+        c = SMEM_GEMV_CONFIGS[0]
+        tiles = [tuple(int(v) for v in t.split(",")) for t in args.smem_tiles] if args.smem_tiles else \
+            [(c.block_n, c.blocks_per_step, c.lane_threads, c.num_warps, c.num_stages)]
+        return smem(args.reps, tiles, args.shapes)
 
     cases = []  # one weight per shape, made once (the launches are what the profiler picks out)
     tiles = V15 if args.v15 else V14 if args.v14 else [(short, args.bits, Config("gemv", block_n=bn, num_warps=w, split_k=sk,
@@ -64,6 +79,22 @@ def main() -> None:
             run_config(x, kw, cfg, short == "gate_up_proj")
             torch.cuda.synchronize()
             print(rep, short, cfg, flush=True)
+
+
+def smem(reps: int, tiles: list[tuple[int, ...]], shapes: list[str]) -> None:
+    from quantlrm.kernels import smem_gemv
+
+    cases = []
+    for short in shapes:
+        n, k = FUSED_SHAPES[short]
+        cases.append((short, random_layout(n, k, 3, 128, 1, min_bytes=0)[0],
+                      torch.randn(1, k, device="cuda", dtype=torch.float16)))
+    for rep in range(reps):
+        for short, kw, x in cases:
+            for rpt, u, jt, w, st in tiles:
+                smem_gemv.run(x, kw, rpt, u, jt, w, st, False, {})
+                torch.cuda.synchronize()
+                print(rep, short, dict(rpt=rpt, u=u, jt=jt, warps=w, stages=st), flush=True)
 
 
 if __name__ == "__main__":
