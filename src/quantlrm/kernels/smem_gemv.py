@@ -90,7 +90,7 @@ if gluon is not None:
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
                           JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True,
-                          WK: gl.constexpr = 1):
+                          WK: gl.constexpr = 1, ONCE: gl.constexpr = False):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
@@ -189,7 +189,7 @@ if gluon is not None:
                 nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
                 xv = x_smem.index(st).slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, L3)).to(gl.uint32, bitcast=True)
                 h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
-                if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
+                if sl == 15 or (not ONCE and (sl == 4 or sl == 9)):  # a word row done (ONCE: the block)
                     acc += _widen(h) * s
                     h = zero3
         if PDL == 2:
