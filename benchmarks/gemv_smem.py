@@ -26,11 +26,11 @@ from quantlrm.kernels import SMEM_GEMV_CONFIGS, reference_matmul, smem_gemv, tun
 
 
 def gemv_smem(x: torch.Tensor, kw, u: int = 8, rpt: int = 2, warps: int = 2, stages: int = 4, jt: int = 1,
-              pdl: int = 0, act: bool = False, xreg: int = 1, wk: int = 1, once: int = 0) -> torch.Tensor:
+              pdl: int = 0, act: bool = False, xreg: int = 1) -> torch.Tensor:
     """One tile of `quantlrm.kernels.smem_gemv` (pdl: 0 none, 1 early trigger, 2 late; xreg: the
     activations through registers, a copy group a step's weights)."""
     launch = dict(PDL=pdl, launch_pdl=True) if pdl else {}
-    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg), ONCE=bool(once)), warps_k=wk)
+    return smem_gemv.run(x, kw, rpt, u, jt, warps, stages, act, dict(launch, XREG=bool(xreg)))
 
 
 def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, ...] = (1,)):
@@ -44,19 +44,6 @@ def tiles(grid: str = "small", pdls: tuple[int, ...] = (0,), xregs: tuple[int, .
                  for c in SMEM_GEMV_CONFIGS for st in (c.num_stages, 3, 4)]
     elif grid == "mid":
         space = [t for t in itertools.product((8, 16), (4, 8), (2, 4), (2, 3, 4), (2, 4)) if t[0] * t[4] <= 32]
-    elif grid == "once":  # the candidates with their fp16 sums widened a word row (0) or a block (1)
-        for c, once, pdl in itertools.product(SMEM_GEMV_CONFIGS, (0, 1), pdls):
-            yield dict(u=c.blocks_per_step, rpt=c.block_n, warps=c.num_warps, stages=c.num_stages, jt=c.lane_threads,
-                       pdl=pdl, xreg=1, once=once)
-        return
-    elif grid == "wk":  # warps splitting a step's blocks: (u, rpt, warps, stages, jt, wk)
-        space = [(u, rpt, w, st, jt, wk) for u, rpt, w, st, jt, wk in
-                 itertools.product((16, 32), (4, 8), (2, 4), (2, 3), (1, 2, 4), (1, 2, 4))
-                 if w % wk == 0 and u % wk == 0 and u // wk * jt <= 32 and not (jt == 1 and rpt >= 8)
-                 and smem_gemv.smem_bytes(rpt, u, jt, w, st, wk) <= 48 * 1024]
-        for t, pdl, xreg in itertools.product(space, pdls, xregs):
-            yield dict(zip(("u", "rpt", "warps", "stages", "jt", "wk"), t, strict=True), pdl=pdl, xreg=xreg)
-        return
     elif grid == "deep":
         space = [(u, rpt, w, st, jt) for u, rpt, w, st, jt in
                  itertools.product((8, 16), (4, 8), (2, 4, 8), (2, 3, 4, 6, 8), (2, 4))
@@ -161,7 +148,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["down_proj", "gate_up_proj", "qkv_proj", "o_proj"])
     ap.add_argument("--out", default="smem.json")
-    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid", "wk", "once"), default="small")
+    ap.add_argument("--grid", choices=("small", "full", "deep", "cand", "mid"), default="small")
     ap.add_argument("--xreg", type=int, nargs="+", default=[1],
                     help="1 (the kernel's default): activations through registers, a copy group a step; 0: activations "
                          "copied with the weights (runs before 6); both: A/B")

@@ -89,18 +89,14 @@ if gluon is not None:
     @gluon.jit
     def _gemv_smem_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, n_blocks, RW, stride_s,
                           U: gl.constexpr, RPT: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
-                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True,
-                          WK: gl.constexpr = 1, ONCE: gl.constexpr = False):
+                          JT: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr = 0, XREG: gl.constexpr = True):
         # x_ptr: fp16 activation pairs as int32. A program owns R rows and walks their blocks U a
         # step; STAGES buffers a kind, STAGES - 1 steps copied ahead (all of them, when that covers
         # the row: few large programs then read their whole share before the wait).
-        # WK warps split a step's U blocks (their partial sums meet in the final reduction), so a
-        # thread keeps RPT rows, over which the activations it reads are shared, while the program's
-        # work is spread over more warps
-        TR: gl.constexpr = 32 // (U // WK * JT)  # threads a warp along the rows
-        R: gl.constexpr = RPT * TR * (WARPS // WK)
+        TR: gl.constexpr = 32 // (U * JT)  # threads a warp along the rows
+        R: gl.constexpr = RPT * TR * WARPS
         VS: gl.constexpr = 8 if U >= 8 else U  # fp16 scales a copy (16 bytes)
-        L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4 // JT], [TR, U // WK, JT], [WARPS // WK, WK, 1], [2, 1, 0])
+        L3: gl.constexpr = gl.BlockedLayout([RPT, 1, 4 // JT], [TR, U, JT], [WARPS, 1, 1], [2, 1, 0])
         LX: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [WARPS, 1], [1, 0])  # a step's pairs [U, 64]
         LS: gl.constexpr = gl.BlockedLayout([1, VS], [32 // (U // VS), U // VS], [WARPS, 1], [1, 0])
         # (a buffered allocation's layout is one buffer's: the leading STAGES dim is not in it)
@@ -189,7 +185,7 @@ if gluon is not None:
                 nz = zero3 + gl.expand_dims(nz16 | (nz16 << 16), 2)
                 xv = x_smem.index(st).slice(sl * 4, 4, dim=1).load(gl.SliceLayout(0, L3)).to(gl.uint32, bitcast=True)
                 h = _pair(h, word, mask, mult, nz, zero3 + gl.expand_dims(xv, 0))
-                if sl == 15 or (not ONCE and (sl == 4 or sl == 9)):  # a word row done (ONCE: the block)
+                if sl == 4 or sl == 9 or sl == 15:  # a word row done (the last with the spare slot)
                     acc += _widen(h) * s
                     h = zero3
         if PDL == 2:
@@ -205,22 +201,21 @@ if gluon is not None:
             gl.store(y_ptr + rows, out.to(gl.float16), mask=rows < N)
 
 
-def rows_per_program(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int, warps_k: int = 1) -> int:
-    return rows_per_thread * (32 // (blocks_per_step // warps_k * lane_threads)) * (warps // warps_k)
+def rows_per_program(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int) -> int:
+    return rows_per_thread * (32 // (blocks_per_step * lane_threads)) * warps
 
 
 SMEM_LIMIT = 227 * 1024  # a Hopper block's most dynamic shared memory
 
 
-def smem_bytes(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int, stages: int,
-               warps_k: int = 1) -> int:
+def smem_bytes(rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int, stages: int) -> int:
     """Shared memory a tile asks for: a stage holds a step's three word rows, activations, scales and zeros."""
-    r, u = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps, warps_k), blocks_per_step
+    r, u = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps), blocks_per_step
     return stages * (3 * r * u * 16 + u * 64 * 4 + 2 * r * u * 2)
 
 
 def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_threads: int, warps: int,
-        stages: int, act: bool, launch: dict, warps_k: int = 1) -> torch.Tensor:
+        stages: int, act: bool, launch: dict) -> torch.Tensor:
     """y [1, N] (act: silu(gate) * up, [1, N/2]) for one activation row; launch: `pdl_launch`'s."""
     if gluon is None:
         raise ValueError("the shared-memory GEMV needs Triton's Gluon (triton >= 3.5)")
@@ -230,23 +225,21 @@ def run(x2: torch.Tensor, kw, rows_per_thread: int, blocks_per_step: int, lane_t
                          f"W{kw.bits} g{kw.group_size}, {kw.n_blocks} blocks")
     if kw.packed.stride() != (kw.n_blocks * kw.words_per_block, 1):
         raise ValueError(f"packed weight of strides {kw.packed.stride()} is not contiguous rows of n_blocks * W words")
-    if warps % warps_k or blocks_per_step % warps_k or blocks_per_step // warps_k * lane_threads > 32 \
-            or not 2 <= stages <= 8:
-        raise ValueError("warps_k must divide warps and blocks_per_step, blocks_per_step / warps_k * lane_threads "
-                         "be at most 32, and stages 2 to 8")
-    need = smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages, warps_k)
+    if blocks_per_step * lane_threads > 32 or not 2 <= stages <= 8:
+        raise ValueError("blocks_per_step * lane_threads must be at most 32 and stages 2 to 8")
+    need = smem_bytes(rows_per_thread, blocks_per_step, lane_threads, warps, stages)
     if need > SMEM_LIMIT:
         raise ValueError(f"this tile needs {need} bytes of shared memory, more than the {SMEM_LIMIT} a Hopper block "
                          f"may have: fewer stages or rows")
     if not available(x2.device):
         raise ValueError("the shared-memory GEMV runs on a Hopper-or-later CUDA GPU only")
     n = kw.out_features
-    r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps, warps_k)
+    r = rows_per_program(rows_per_thread, blocks_per_step, lane_threads, warps)
     if act and (n % 2 or r % 2):
         raise ValueError("a gated product needs interleaved (gate, up) rows and an even row tile")
     y = torch.empty(1, n // 2 if act else n, dtype=x2.dtype, device=x2.device)
     _gemv_smem_kernel[(-(-n // r),)](x2.contiguous().view(torch.int32), kw.packed, kw.scale, kw.zero, y, n, kw.n_blocks,
                                         kw.n_blocks * kw.words_per_block, kw.scale.stride(0),
                                         U=blocks_per_step, RPT=rows_per_thread, WARPS=warps, STAGES=stages,
-                                        JT=lane_threads, ACT=act, WK=warps_k, num_warps=warps, **launch)
+                                        JT=lane_threads, ACT=act, num_warps=warps, **launch)
     return y
