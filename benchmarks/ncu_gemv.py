@@ -71,9 +71,7 @@ def main() -> None:
                                                              blocks_per_step=u, half2=True))
                                   for short, (bn, w, sk, u) in TILES.items()]
     for short, bits, cfg in tiles:
-        n, k = FUSED_SHAPES[short]
-        cases.append((short, random_layout(n, k, bits, 128, 1, min_bytes=0)[0],
-                      torch.randn(1, k, device="cuda", dtype=torch.float16), cfg))
+        cases.append((short, *weight_and_x(short, bits), cfg))
     for rep in range(args.reps):
         for short, kw, x, cfg in cases:
             run_config(x, kw, cfg, short == "gate_up_proj")
@@ -81,14 +79,16 @@ def main() -> None:
             print(rep, short, cfg, flush=True)
 
 
+def weight_and_x(short: str, bits: int):
+    """One random packed weight of a fused shape (group size 128) and an fp16 activation row."""
+    n, k = FUSED_SHAPES[short]
+    return random_layout(n, k, bits, 128, 1, min_bytes=0)[0], torch.randn(1, k, device="cuda", dtype=torch.float16)
+
+
 def smem(reps: int, tiles: list[tuple[int, ...]], shapes: list[str]) -> None:
     from quantlrm.kernels import smem_gemv
 
-    cases = []
-    for short in shapes:
-        n, k = FUSED_SHAPES[short]
-        cases.append((short, random_layout(n, k, 3, 128, 1, min_bytes=0)[0],
-                      torch.randn(1, k, device="cuda", dtype=torch.float16)))
+    cases = [(short, *weight_and_x(short, 3)) for short in shapes]
     for rep in range(reps):
         for short, kw, x in cases:
             for rpt, u, jt, w, st in tiles:

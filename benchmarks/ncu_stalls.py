@@ -17,7 +17,7 @@ import gzip
 
 def kernels(path: str) -> list[tuple[list[str], list[list[str]]]]:
     """(header, instruction rows) for each kernel in the export, in the report's order."""
-    out, header = [], None
+    out = []
     with (gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")) as f:
         for r in csv.reader(f):
             if not r:
@@ -25,8 +25,7 @@ def kernels(path: str) -> list[tuple[list[str], list[list[str]]]]:
             if r[0] == "Kernel Name":
                 out.append((None, []))
             elif r[0] == "Address":
-                header = r
-                out[-1] = (header, out[-1][1])
+                out[-1] = (r, out[-1][1])
             elif out:
                 out[-1][1].append(r)
     return out
